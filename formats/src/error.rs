@@ -1,0 +1,67 @@
+use std::path::PathBuf;
+
+/// Everything that can go wrong reading or writing datasets. Variants name the file and,
+/// where there is one, the record, so a user can find the damage.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: not a convnets shard (bad magic)", path.display())]
+    BadMagic { path: PathBuf },
+    #[error("{}: unsupported {what} version {found} (this build reads version {supported})", path.display())]
+    UnsupportedVersion {
+        path: PathBuf,
+        what: &'static str,
+        found: u32,
+        supported: u32,
+    },
+    #[error("{}: corrupt shard: {reason}", path.display())]
+    CorruptShard { path: PathBuf, reason: String },
+    #[error("{}: record {index}: {reason}", path.display())]
+    CorruptRecord {
+        path: PathBuf,
+        index: u64,
+        reason: String,
+    },
+    #[error("{}: record {index}: CRC32C mismatch (index says {expected:#010x}, data has {actual:#010x})", path.display())]
+    ChecksumMismatch {
+        path: PathBuf,
+        index: u64,
+        expected: u32,
+        actual: u32,
+    },
+    #[error("{}: invalid manifest: {reason}", path.display())]
+    Manifest { path: PathBuf, reason: String },
+    #[error("{}: TFRecord at byte {offset}: {reason}", path.display())]
+    TfRecord {
+        path: PathBuf,
+        offset: u64,
+        reason: String,
+    },
+    #[error("record {index} out of range ({len} records)")]
+    IndexOutOfRange { index: u64, len: u64 },
+    #[error("{}: {reason}", path.display())]
+    Input { path: PathBuf, reason: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Attaches a path to an I/O error.
+pub(crate) trait IoContext<T> {
+    fn at(self, path: &std::path::Path) -> Result<T>;
+}
+
+impl<T> IoContext<T> for std::io::Result<T> {
+    fn at(self, path: &std::path::Path) -> Result<T> {
+        self.map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+}

@@ -1,0 +1,67 @@
+//! The `convnets` command-line tool. `main_with` is the whole program, so tests can run
+//! any command in-process exactly as a user would type it.
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod dataset_cmds;
+mod devices;
+mod pack;
+mod units;
+
+#[derive(Debug, Parser)]
+#[command(name = "convnets", version, about = "Train ResNet-family image classifiers on ImageNet-scale data")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Pack an ImageNet folder or TFRecord folder into a dataset folder of shards.
+    PackImagenet(pack::PackArgs),
+    /// Print a dataset's manifest summary.
+    Inspect(dataset_cmds::InspectArgs),
+    /// Check every checksum of a dataset; report damaged shards and records.
+    Verify(dataset_cmds::VerifyArgs),
+    /// List the GPUs this build can use (needs a build with `--features cuda`).
+    Devices(devices::DevicesArgs),
+}
+
+/// Runs the tool on `args` (the first item is the program name).
+pub fn run<I, T>(args: I) -> anyhow::Result<()>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cli = Cli::try_parse_from(args)?;
+    match cli.command {
+        Command::PackImagenet(a) => pack::run(a),
+        Command::Inspect(a) => dataset_cmds::inspect(a),
+        Command::Verify(a) => dataset_cmds::verify(a),
+        Command::Devices(a) => devices::run(a),
+    }
+}
+
+/// `main`: runs, prints errors with their causes, and maps them to an exit code.
+pub fn main_with<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => match e.downcast_ref::<clap::Error>() {
+            Some(clap_err) => {
+                let _ = clap_err.print();
+                ExitCode::from(clap_err.exit_code() as u8)
+            }
+            None => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}

@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    convnets_tools::main_with(std::env::args_os())
+}
