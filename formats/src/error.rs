@@ -4,11 +4,12 @@ use std::path::PathBuf;
 /// where there is one, the record, so a user can find the damage.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{}: {source}", path.display())]
+    // The I/O error is part of the message rather than a `source`, so chains printed
+    // with `{:#}` do not repeat it.
+    #[error("{}: {error}", path.display())]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{}: not a convnets shard (bad magic)", path.display())]
     BadMagic { path: PathBuf },
@@ -59,9 +60,9 @@ pub(crate) trait IoContext<T> {
 
 impl<T> IoContext<T> for std::io::Result<T> {
     fn at(self, path: &std::path::Path) -> Result<T> {
-        self.map_err(|source| Error::Io {
+        self.map_err(|error| Error::Io {
             path: path.to_path_buf(),
-            source,
+            error,
         })
     }
 }

@@ -73,8 +73,12 @@ impl fmt::Display for Process {
             Process::ExtendedHuffman => f.write_str("extended sequential (SOF1)"),
             Process::Progressive => f.write_str("progressive (SOF2)"),
             Process::Lossless => f.write_str("lossless (SOF3)"),
-            Process::Hierarchical { sof } => write!(f, "hierarchical (SOF{})", sof - 0xC0),
-            Process::Arithmetic { sof } => write!(f, "arithmetic-coded (SOF{})", sof - 0xC0),
+            Process::Hierarchical { sof } => {
+                write!(f, "hierarchical (SOF{})", sof.wrapping_sub(0xC0))
+            }
+            Process::Arithmetic { sof } => {
+                write!(f, "arithmetic-coded (SOF{})", sof.wrapping_sub(0xC0))
+            }
         }
     }
 }
@@ -96,7 +100,8 @@ pub struct JpegInfo {
     pub adobe_transform: Option<u8>,
     /// A JFIF APP0 segment is present (which implies YCbCr for 3 components).
     pub jfif: bool,
-    /// Number of scans started (SOS markers); progressive files have several.
+    /// Number of scans started (SOS markers): 1 for an interleaved sequential file, one per
+    /// component for a non-interleaved one, several for progressive; 0 if cut before any.
     pub scans: u32,
     /// An EOI marker follows the last scan; `false` means the file is truncated.
     pub has_eoi: bool,
@@ -109,14 +114,18 @@ pub enum HeaderError {
     Empty,
     #[error("not a JPEG (no SOI marker)")]
     NotJpeg,
-    #[error("data ends before the first scan")]
+    #[error("data ends before the frame header")]
     TruncatedHeader,
     #[error("expected a marker at byte {offset}")]
     BadMarker { offset: usize },
     #[error("unexpected marker 0xFF{marker:02X} at byte {offset}")]
     UnexpectedMarker { marker: u8, offset: usize },
     #[error("segment 0xFF{marker:02X} at byte {offset} has invalid length {length}")]
-    BadSegmentLength { marker: u8, offset: usize, length: u16 },
+    BadSegmentLength {
+        marker: u8,
+        offset: usize,
+        length: u16,
+    },
     #[error("malformed frame header: {0}")]
     BadFrame(&'static str),
     #[error("more than one frame header")]
@@ -227,7 +236,10 @@ pub fn parse_header(bytes: &[u8]) -> Result<JpegInfo, HeaderError> {
             Step::End => break false,
             Step::Marker(EOI) => break true,
             Step::Marker(SOI) => {
-                return Err(HeaderError::UnexpectedMarker { marker: SOI, offset })
+                return Err(HeaderError::UnexpectedMarker {
+                    marker: SOI,
+                    offset,
+                })
             }
             // RSTn or TEM outside a scan: meaningless but harmless, as in libjpeg.
             Step::Marker(_) => {}
@@ -256,10 +268,16 @@ pub fn parse_header(bytes: &[u8]) -> Result<JpegInfo, HeaderError> {
         }
     };
     let Some(frame) = frame else {
-        return Err(if has_eoi { HeaderError::NoFrame } else { HeaderError::TruncatedHeader });
+        return Err(if has_eoi {
+            HeaderError::NoFrame
+        } else {
+            HeaderError::TruncatedHeader
+        });
     };
-    if scans == 0 {
-        return Err(if has_eoi { HeaderError::NoScan } else { HeaderError::TruncatedHeader });
+    // A file cut after the frame header is Ok with has_eoi false: its size is still
+    // reported, so a truncated bomb is named as such.
+    if scans == 0 && has_eoi {
+        return Err(HeaderError::NoScan);
     }
     Ok(JpegInfo {
         width: u32::from(frame.width),
@@ -327,7 +345,11 @@ impl<'a> Markers<'a> {
         };
         let length = u16::from_be_bytes([hi, lo]);
         if length < 2 {
-            return Err(HeaderError::BadSegmentLength { marker, offset, length });
+            return Err(HeaderError::BadSegmentLength {
+                marker,
+                offset,
+                length,
+            });
         }
         let start = self.pos + 2;
         let end = self.pos + usize::from(length);
@@ -343,7 +365,10 @@ impl<'a> Markers<'a> {
     /// belong to the data; 0xFF 0xFF is a fill byte before a marker. False if the data ends.
     fn skip_entropy_coded_data(&mut self) -> bool {
         loop {
-            let Some(ff) = self.bytes.get(self.pos..).and_then(|rest| rest.iter().position(|&b| b == 0xFF))
+            let Some(ff) = self
+                .bytes
+                .get(self.pos..)
+                .and_then(|rest| rest.iter().position(|&b| b == 0xFF))
             else {
                 self.pos = self.bytes.len();
                 return false;
@@ -385,20 +410,39 @@ impl Frame {
             return Err(HeaderError::BadFrame("no components"));
         }
         if rest.len() != 3 * usize::from(*count) {
-            return Err(HeaderError::BadFrame("length does not match the component count"));
+            return Err(HeaderError::BadFrame(
+                "length does not match the component count",
+            ));
         }
         let components = rest
             .chunks_exact(3)
-            .map(|c| FrameComponent { id: c[0], h: c[1] >> 4, v: c[1] & 0x0F, quant_table: c[2] })
+            .map(|c| FrameComponent {
+                id: c[0],
+                h: c[1] >> 4,
+                v: c[1] & 0x0F,
+                quant_table: c[2],
+            })
             .collect::<Vec<_>>();
-        if components.iter().any(|c| !(1..=4).contains(&c.h) || !(1..=4).contains(&c.v)) {
+        if components
+            .iter()
+            .any(|c| !(1..=4).contains(&c.h) || !(1..=4).contains(&c.v))
+        {
             return Err(HeaderError::BadFrame("sampling factor outside 1..4"));
         }
-        let (width, height) = (u16::from_be_bytes([*w1, *w0]), u16::from_be_bytes([*h1, *h0]));
+        let (width, height) = (
+            u16::from_be_bytes([*w1, *w0]),
+            u16::from_be_bytes([*h1, *h0]),
+        );
         if width == 0 || height == 0 {
             return Err(HeaderError::ZeroDimension);
         }
-        Ok(Frame { process: Process::from_sof(marker), precision: *precision, width, height, components })
+        Ok(Frame {
+            process: Process::from_sof(marker),
+            precision: *precision,
+            width,
+            height,
+            components,
+        })
     }
 
     fn max_sampling(&self) -> (u8, u8) {
@@ -417,7 +461,10 @@ pub struct ScanError {
 }
 
 fn scan_error(offset: usize, what: impl Into<String>) -> ScanError {
-    ScanError { offset, what: what.into() }
+    ScanError {
+        offset,
+        what: what.into(),
+    }
 }
 
 /// Strictly checks every scan of a sequential Huffman JPEG (SOF0/SOF1): tables defined and
@@ -439,32 +486,48 @@ pub fn verify_scans(bytes: &[u8]) -> Result<(), ScanError> {
         let offset = walk.pos;
         let step = walk.next().map_err(|e| scan_error(offset, e.to_string()))?;
         match step {
-            Step::End => return Err(scan_error(bytes.len(), "data ends before the end-of-image marker")),
+            Step::End => {
+                return Err(scan_error(
+                    bytes.len(),
+                    "data ends before the end-of-image marker",
+                ))
+            }
             Step::Marker(EOI) => break,
             Step::Marker(_) => {}
             Step::Segment(marker, body) if is_sof(marker) => {
                 if frame.is_some() {
                     return Err(scan_error(offset, "more than one frame header"));
                 }
-                let f = Frame::parse(marker, body).map_err(|e| scan_error(offset, e.to_string()))?;
+                let f =
+                    Frame::parse(marker, body).map_err(|e| scan_error(offset, e.to_string()))?;
                 if !f.process.is_sequential_huffman() {
-                    return Err(scan_error(offset, format!("cannot verify a {} frame", f.process)));
+                    return Err(scan_error(
+                        offset,
+                        format!("cannot verify a {} frame", f.process),
+                    ));
                 }
                 scanned = vec![false; f.components.len()];
                 frame = Some(f);
             }
-            Step::Segment(DHT, body) => tables.define_huffman(body).map_err(|e| scan_error(offset, e))?,
-            Step::Segment(DQT, body) => tables.define_quant(body).map_err(|e| scan_error(offset, e))?,
+            Step::Segment(DHT, body) => tables
+                .define_huffman(body)
+                .map_err(|e| scan_error(offset, e))?,
+            Step::Segment(DQT, body) => tables
+                .define_quant(body)
+                .map_err(|e| scan_error(offset, e))?,
             Step::Segment(DRI, body) => match body {
                 [hi, lo] => restart_interval = u16::from_be_bytes([*hi, *lo]),
                 _ => return Err(scan_error(offset, "DRI segment of wrong length")),
             },
             Step::Segment(SOS, body) => {
-                let frame = frame.as_ref().ok_or_else(|| scan_error(offset, "scan before the frame header"))?;
+                let frame = frame
+                    .as_ref()
+                    .ok_or_else(|| scan_error(offset, "scan before the frame header"))?;
                 let scan = Scan::parse(body, frame, &tables).map_err(|e| scan_error(offset, e))?;
                 for unit in &scan.units {
-                    if let Some(seen) = scanned.get_mut(unit.component) {
-                        *seen = true;
+                    match scanned.get_mut(unit.component) {
+                        Some(seen) if !*seen => *seen = true,
+                        _ => return Err(scan_error(offset, "a component is scanned twice")),
                     }
                 }
                 walk.pos = decode_scan(bytes, walk.pos, frame, &scan, &tables, restart_interval)?;
@@ -495,7 +558,11 @@ impl Huffman {
     /// Builds canonical codes from the 16 length counts. Rejects over-full tables, and (as
     /// libjpeg does) tables that would use an all-ones code.
     fn build(counts: &[u8], values: &[u8]) -> Result<Huffman, &'static str> {
-        let mut table = Huffman { max_code: [-1; 17], offset: [0; 17], values: values.to_vec() };
+        let mut table = Huffman {
+            max_code: [-1; 17],
+            offset: [0; 17],
+            values: values.to_vec(),
+        };
         let (mut code, mut index) = (0i32, 0i32);
         for (len, &count) in (1..=16).zip(counts) {
             let count = i32::from(count);
@@ -565,7 +632,10 @@ impl Tables {
                 _ => return Err("invalid quantization table precision"),
             };
             let id = usize::from(precision_id & 0x0F);
-            *self.quant.get_mut(id).ok_or("invalid quantization table id")? = true;
+            *self
+                .quant
+                .get_mut(id)
+                .ok_or("invalid quantization table id")? = true;
             body = rest.get(size..).ok_or("DQT segment too short")?;
         }
         Ok(())
@@ -590,7 +660,9 @@ struct Scan {
 
 impl Scan {
     fn parse(body: &[u8], frame: &Frame, tables: &Tables) -> Result<Scan, &'static str> {
-        let [count, rest @ ..] = body else { return Err("SOS segment too short") };
+        let [count, rest @ ..] = body else {
+            return Err("SOS segment too short");
+        };
         let count = usize::from(*count);
         if !(1..=4).contains(&count) || rest.len() != 2 * count + 3 {
             return Err("SOS segment of wrong length");
@@ -602,20 +674,40 @@ impl Scan {
         let interleaved = count > 1;
         let mut units = Vec::with_capacity(count);
         for pair in selectors.chunks_exact(2) {
-            let component = frame.components.iter().position(|c| c.id == pair[0]).ok_or("scan names an unknown component")?;
+            let component = frame
+                .components
+                .iter()
+                .position(|c| c.id == pair[0])
+                .ok_or("scan names an unknown component")?;
             if units.iter().any(|u: &ScanUnit| u.component == component) {
                 return Err("scan names a component twice");
             }
             let c = &frame.components[component];
             let (dc, ac) = (usize::from(pair[1] >> 4), usize::from(pair[1] & 0x0F));
-            if tables.dc.get(dc).and_then(Option::as_ref).is_none() || tables.ac.get(ac).and_then(Option::as_ref).is_none() {
+            if tables.dc.get(dc).and_then(Option::as_ref).is_none()
+                || tables.ac.get(ac).and_then(Option::as_ref).is_none()
+            {
                 return Err("scan uses an undefined Huffman table");
             }
-            if !tables.quant.get(usize::from(c.quant_table)).copied().unwrap_or(false) {
+            if !tables
+                .quant
+                .get(usize::from(c.quant_table))
+                .copied()
+                .unwrap_or(false)
+            {
                 return Err("scan uses an undefined quantization table");
             }
-            let blocks = if interleaved { u32::from(c.h) * u32::from(c.v) } else { 1 };
-            units.push(ScanUnit { component, dc, ac, blocks });
+            let blocks = if interleaved {
+                u32::from(c.h) * u32::from(c.v)
+            } else {
+                1
+            };
+            units.push(ScanUnit {
+                component,
+                dc,
+                ac,
+                blocks,
+            });
         }
         if units.iter().map(|u| u.blocks).sum::<u32>() > 10 {
             return Err("more than 10 blocks per MCU");
@@ -630,9 +722,16 @@ impl Scan {
                 let h = (height * u64::from(c.v)).div_ceil(u64::from(vmax));
                 (w.div_ceil(8), h.div_ceil(8))
             }
-            _ => (width.div_ceil(8 * u64::from(hmax)), height.div_ceil(8 * u64::from(vmax))),
+            _ => (
+                width.div_ceil(8 * u64::from(hmax)),
+                height.div_ceil(8 * u64::from(vmax)),
+            ),
         };
-        Ok(Scan { units, mcus_x, mcus_y })
+        Ok(Scan {
+            units,
+            mcus_x,
+            mcus_y,
+        })
     }
 }
 
@@ -646,7 +745,12 @@ fn decode_scan(
     restart_interval: u16,
 ) -> Result<usize, ScanError> {
     let max_dc_category = if frame.precision > 8 { 15 } else { 11 };
-    let mut bits = Bits { data: bytes, pos: start, acc: 0, count: 0 };
+    let mut bits = Bits {
+        data: bytes,
+        pos: start,
+        acc: 0,
+        count: 0,
+    };
     let mut next_rst = 0u8;
     let total = scan.mcus_x * scan.mcus_y;
     for mcu in 0..total {
@@ -656,7 +760,8 @@ fn decode_scan(
         }
         for unit in &scan.units {
             // Scan::parse checked that both tables exist.
-            let (Some(Some(dc)), Some(Some(ac))) = (tables.dc.get(unit.dc), tables.ac.get(unit.ac)) else {
+            let (Some(Some(dc)), Some(Some(ac))) = (tables.dc.get(unit.dc), tables.ac.get(unit.ac))
+            else {
                 return Err(scan_error(bits.pos, "scan uses an undefined Huffman table"));
             };
             for _ in 0..unit.blocks {
@@ -668,7 +773,12 @@ fn decode_scan(
 }
 
 /// Skips one 8x8 block: a DC difference, then AC run/size codes up to EOB or 63.
-fn decode_block(bits: &mut Bits<'_>, dc: &Huffman, ac: &Huffman, max_dc_category: u8) -> Result<(), ScanError> {
+fn decode_block(
+    bits: &mut Bits<'_>,
+    dc: &Huffman,
+    ac: &Huffman,
+    max_dc_category: u8,
+) -> Result<(), ScanError> {
     let category = dc.decode(bits)?;
     if category > max_dc_category {
         return Err(scan_error(bits.pos, "DC difference out of range"));
@@ -731,7 +841,10 @@ impl Bits<'_> {
                 self.pos += 2;
                 Ok(0xFF)
             }
-            (Some(0xFF), _) => Err(scan_error(self.pos, "premature end of scan data (marker reached)")),
+            (Some(0xFF), _) => Err(scan_error(
+                self.pos,
+                "premature end of scan data (marker reached)",
+            )),
             (Some(&b), _) => {
                 self.pos += 1;
                 Ok(b)
@@ -745,11 +858,16 @@ impl Bits<'_> {
         while self.data.get(self.pos) == Some(&0xFF) && self.data.get(self.pos + 1) == Some(&0xFF) {
             self.pos += 1;
         }
-        if self.data.get(self.pos) == Some(&0xFF) && self.data.get(self.pos + 1) == Some(&(RST0 + n)) {
+        if self.data.get(self.pos) == Some(&0xFF)
+            && self.data.get(self.pos + 1) == Some(&(RST0 + n))
+        {
             self.pos += 2;
             Ok(())
         } else {
-            Err(scan_error(self.pos, format!("expected restart marker RST{n}")))
+            Err(scan_error(
+                self.pos,
+                format!("expected restart marker RST{n}"),
+            ))
         }
     }
 
@@ -759,7 +877,13 @@ impl Bits<'_> {
         match (self.data.get(self.pos), self.data.get(self.pos + 1)) {
             (Some(0xFF), Some(&code)) if code != 0x00 => Ok(self.pos),
             (None, _) | (Some(0xFF), None) => Err(scan_error(self.pos, "data ends after a scan")),
-            _ => Err(scan_error(self.pos, "extraneous bytes after the last block of a scan")),
+            // Bytes between the last block and the next marker: libjpeg only warns
+            // ("extraneous bytes") and decodes the image in full, so accept them.
+            _ => self.data[self.pos..]
+                .windows(2)
+                .position(|w| w[0] == 0xFF && w[1] != 0x00 && !(0xD0..=0xD7).contains(&w[1]))
+                .map(|i| self.pos + i)
+                .ok_or_else(|| scan_error(self.pos, "data ends after a scan")),
         }
     }
 }
@@ -784,7 +908,9 @@ mod tests {
         let mut out = Vec::new();
         let mut encoder = Encoder::new(&mut out, 90);
         setup(&mut encoder);
-        encoder.encode(&gradient(width, height), width, height, ColorType::Rgb).expect("encode");
+        encoder
+            .encode(&gradient(width, height), width, height, ColorType::Rgb)
+            .expect("encode");
         out
     }
 
@@ -792,7 +918,10 @@ mod tests {
     fn baseline_header() {
         let jpeg = encode(37, 21, |e| e.set_sampling_factor(SamplingFactor::R_4_2_0));
         let info = parse_header(&jpeg).expect("parse");
-        assert_eq!((info.width, info.height, info.components, info.precision), (37, 21, 3, 8));
+        assert_eq!(
+            (info.width, info.height, info.components, info.precision),
+            (37, 21, 3, 8)
+        );
         assert_eq!(info.process, Process::Baseline);
         assert_eq!(info.sampling, vec![(2, 2), (1, 1), (1, 1)]);
         assert_eq!(chroma_subsampling(&info), Subsampling::S420);
@@ -800,6 +929,15 @@ mod tests {
         assert!(info.jfif && info.has_eoi && info.adobe_transform.is_none());
         assert_eq!(info.scans, 1);
         verify_scans(&jpeg).expect("valid scans");
+    }
+
+    #[test]
+    fn extraneous_bytes_before_eoi_are_accepted() {
+        // libjpeg decodes such files in full with only a warning; so do we.
+        let mut jpeg = encode(37, 21, |e| e.set_sampling_factor(SamplingFactor::R_4_2_0));
+        let eoi = jpeg.len() - 2;
+        jpeg.splice(eoi..eoi, [0x12, 0x34, 0x56]);
+        verify_scans(&jpeg).expect("extraneous bytes are not corruption");
     }
 
     #[test]
@@ -825,7 +963,10 @@ mod tests {
         let info = parse_header(&jpeg).expect("parse");
         assert_eq!(info.process, Process::Progressive);
         assert!(info.scans > 1 && info.has_eoi);
-        assert!(verify_scans(&jpeg).is_err(), "progressive frames are not verified");
+        assert!(
+            verify_scans(&jpeg).is_err(),
+            "progressive frames are not verified"
+        );
         // Cut inside the later scans: the header is fine but EOI is missing.
         let cut = &jpeg[..jpeg.len() - 40];
         assert!(!parse_header(cut).expect("parse").has_eoi);
@@ -847,7 +988,10 @@ mod tests {
         assert_eq!(parse_header(&per_component).expect("parse").scans, 3);
         verify_scans(&per_component).expect("valid scans");
         let mut wrong_rst = restarts.clone();
-        let rst = wrong_rst.windows(2).position(|w| w == [0xFF, RST0]).expect("RST0");
+        let rst = wrong_rst
+            .windows(2)
+            .position(|w| w == [0xFF, RST0])
+            .expect("RST0");
         wrong_rst[rst + 1] = RST0 + 1;
         assert!(verify_scans(&wrong_rst).is_err());
     }
@@ -856,10 +1000,15 @@ mod tests {
     fn grayscale_and_trailing_garbage() {
         let mut out = Vec::new();
         let gray = vec![100u8; 24 * 24];
-        Encoder::new(&mut out, 80).encode(&gray, 24, 24, ColorType::Luma).expect("encode");
+        Encoder::new(&mut out, 80)
+            .encode(&gray, 24, 24, ColorType::Luma)
+            .expect("encode");
         out.extend_from_slice(b"trailing garbage \xFF\xD8");
         let info = parse_header(&out).expect("parse");
-        assert_eq!((info.components, chroma_subsampling(&info)), (1, Subsampling::Gray));
+        assert_eq!(
+            (info.components, chroma_subsampling(&info)),
+            (1, Subsampling::Gray)
+        );
         assert_eq!(color_space(&info), ColorSpace::Gray);
         assert!(info.has_eoi);
         verify_scans(&out).expect("valid scans");
@@ -871,8 +1020,14 @@ mod tests {
         assert_eq!(parse_header(&[]), Err(HeaderError::Empty));
         assert_eq!(parse_header(b"GIF89a"), Err(HeaderError::NotJpeg));
         assert_eq!(parse_header(&jpeg[..30]), Err(HeaderError::TruncatedHeader));
-        assert_eq!(parse_header(&[0xFF, 0xD8, 0xFF, 0xD9]), Err(HeaderError::NoFrame));
-        assert!(matches!(parse_header(&[0xFF, 0xD8, 0x12]), Err(HeaderError::BadMarker { offset: 2 })));
+        assert_eq!(
+            parse_header(&[0xFF, 0xD8, 0xFF, 0xD9]),
+            Err(HeaderError::NoFrame)
+        );
+        assert!(matches!(
+            parse_header(&[0xFF, 0xD8, 0x12]),
+            Err(HeaderError::BadMarker { offset: 2 })
+        ));
         assert!(matches!(
             parse_header(&[0xFF, 0xD8, 0xFF, 0xE0, 0x00, 0x01]),
             Err(HeaderError::BadSegmentLength { length: 1, .. })
@@ -903,7 +1058,7 @@ mod tests {
     }
 
     /// Offset of the first `0xFF marker` at segment level.
-    pub(crate) fn find_marker(jpeg: &[u8], marker: u8) -> usize {
+    fn find_marker(jpeg: &[u8], marker: u8) -> usize {
         let mut pos = 2;
         while jpeg[pos + 1] != marker {
             pos += 2 + usize::from(u16::from_be_bytes([jpeg[pos + 2], jpeg[pos + 3]]));
