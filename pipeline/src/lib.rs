@@ -11,6 +11,8 @@
 //! ```
 
 pub mod device;
+pub mod plan;
+pub mod sampler;
 
 /// Errors of the input pipeline.
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +23,8 @@ pub enum Error {
     Cuda(String),
     #[error("nvJPEG: {call} failed with status {status}")]
     Nvjpeg { call: &'static str, status: i32 },
+    #[error("invalid configuration: {0}")]
+    Config(String),
     #[error(transparent)]
     Format(#[from] convnets_formats::Error),
 }
