@@ -492,7 +492,11 @@ fn finished_shard(out: &Path, name: &str) -> Option<ShardDone> {
     let sidecar = out.join(STATE_DIR).join(format!("{name}.json"));
     let done: ShardDone = serde_json::from_slice(&std::fs::read(sidecar).ok()?).ok()?;
     let reader = ShardReader::open(&out.join(name)).ok()?;
-    let same = reader.len() as u64 == done.info.records && reader.file_len() == done.info.bytes;
+    // The full CRC costs one read of the shard, far less than packing it again, and
+    // keeps a shard damaged since it was written from being taken as finished.
+    let same = reader.len() as u64 == done.info.records
+        && reader.file_len() == done.info.bytes
+        && reader.file_crc32c() == done.info.crc32c;
     same.then_some(done)
 }
 

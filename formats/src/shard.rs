@@ -299,6 +299,12 @@ fn parse_index(path: &Path, data: &[u8]) -> Result<Vec<IndexEntry>> {
         reason,
     };
     let file_len = data.len() as u64;
+    let magic_len = data.len().min(SHARD_MAGIC.len());
+    if file_len < HEADER_LEN && data[..magic_len] == SHARD_MAGIC[..magic_len] {
+        return Err(corrupt(format!(
+            "file is {file_len} bytes, too short for the header (truncated?)"
+        )));
+    }
     if file_len < HEADER_LEN || data[..8] != SHARD_MAGIC {
         return Err(Error::BadMagic {
             path: path.to_path_buf(),
