@@ -120,17 +120,6 @@ impl SplitReader {
         Ok((&self.shards[s as usize], local as usize))
     }
 
-    /// Record `i` without checking its CRC.
-    pub fn record_unchecked(&self, i: usize) -> Result<Record> {
-        let (shard, local) = self.resolve(i)?;
-        let e = shard.entry(local)?;
-        Ok(Record {
-            data: shard.record_bytes_unchecked(local)?,
-            label: e.label,
-            width: e.width,
-            height: e.height,
-        })
-    }
 }
 
 impl RecordSource for SplitReader {
@@ -146,6 +135,17 @@ impl RecordSource for SplitReader {
     fn record(&self, i: usize) -> Result<Record> {
         let (shard, local) = self.resolve(i)?;
         shard.record(local)
+    }
+
+    fn record_unchecked(&self, i: usize) -> Result<Record> {
+        let (shard, local) = self.resolve(i)?;
+        let e = shard.entry(local)?;
+        Ok(Record {
+            data: shard.record_bytes_unchecked(local)?,
+            label: e.label,
+            width: e.width,
+            height: e.height,
+        })
     }
 
     fn locate(&self, i: usize) -> Result<(PathBuf, u64)> {

@@ -10,6 +10,7 @@
 //! }
 //! ```
 
+pub mod cpu;
 pub mod device;
 pub mod plan;
 pub mod sampler;
@@ -23,6 +24,12 @@ pub enum Error {
     Cuda(String),
     #[error("nvJPEG: {call} failed with status {status}")]
     Nvjpeg { call: &'static str, status: i32 },
+    #[error("{}: record {record}: {reason}", path.display())]
+    Record {
+        path: std::path::PathBuf,
+        record: u64,
+        reason: String,
+    },
     #[error("invalid configuration: {0}")]
     Config(String),
     #[error(transparent)]

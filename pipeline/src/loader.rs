@@ -1,0 +1,715 @@
+//! The loader: sampler -> decode + augment workers -> batches of tch tensors.
+//!
+//! ```text
+//! planner thread      walks the sampler's batches, epoch after epoch; takes a free batch
+//!                     slot (back-pressure: at most `prefetch + 2` batches exist) and sends
+//!                     one task per sample
+//! worker threads      record bytes (zero-copy from the mmap, CRC checked) -> crop plan from
+//!                     the index's width/height -> decode (DCT-scaled, crop-aware) -> fused
+//!                     crop/resize/flip/normalise/cast straight into the slot's tensor memory;
+//!                     the worker finishing a batch's last sample hands the slot on
+//! consumer            `next_batch` puts batches back in order and wraps the slot's tensors;
+//!                     dropping the `Batch` returns the slot
+//! ```
+//! Every buffer (batch tensors, decode and resize scratch) is allocated up front or grows
+//! once; nothing is allocated per batch in steady state. Per-sample randomness comes from
+//! (seed, epoch, record index), so batches do not depend on the number of threads or on
+//! scheduling, and a loader started from a saved [`LoaderState`] continues exactly.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use convnets_formats::RecordSource;
+use crossbeam::channel::{bounded, Receiver, Sender};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use crate::cpu::augment::{Augmenter, Layout, OutputDtype, OutputSpec};
+use crate::cpu::decode::{CpuDecoder, DecodeLimits, RgbImage};
+use crate::plan::{CenterCrop, CropWindow, RandomResizedCrop};
+use crate::sampler::{sample_seed, Sample, Sampler, SamplerConfig};
+use crate::{Error, Result};
+
+/// The per-sample transform.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum Transform {
+    /// RandomResizedCrop + horizontal flip (training).
+    Train(RandomResizedCrop),
+    /// Resize the shorter side + centre crop (evaluation).
+    Eval(CenterCrop),
+}
+
+/// What to do with a record that cannot be decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum BadRecordPolicy {
+    /// The batch is returned as an error naming the shard and record.
+    #[default]
+    Error,
+    /// The sample is replaced by another of the same batch, marked invalid, counted and
+    /// listed in [`Loader::take_skipped`].
+    Skip,
+}
+
+#[derive(Debug, Clone)]
+pub struct LoaderConfig {
+    pub sampler: SamplerConfig,
+    pub transform: Transform,
+    pub output: OutputSpec,
+    /// Decode + augment threads (0: one per core).
+    pub threads: usize,
+    /// Finished batches kept ready ahead of the consumer.
+    pub prefetch: usize,
+    pub on_bad_record: BadRecordPolicy,
+    /// Images with more pixels are refused before decoding.
+    pub max_pixels: u64,
+    /// Check each record's CRC32C before decoding it.
+    pub verify_crc: bool,
+}
+
+impl Default for LoaderConfig {
+    fn default() -> Self {
+        Self {
+            sampler: SamplerConfig::default(),
+            transform: Transform::Train(RandomResizedCrop::default()),
+            output: OutputSpec {
+                width: 224,
+                height: 224,
+                dtype: OutputDtype::F32,
+                layout: Layout::Nchw,
+                normalize: Some(Default::default()),
+            },
+            threads: 0,
+            prefetch: 2,
+            on_bad_record: BadRecordPolicy::Error,
+            max_pixels: DecodeLimits::default().max_pixels,
+            verify_crc: true,
+        }
+    }
+}
+
+/// Where the loader stands: enough to continue exactly after a restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct LoaderState {
+    pub epoch: u64,
+    /// Index of the next batch within the epoch.
+    pub batch: usize,
+}
+
+/// A record left out under [`BadRecordPolicy::Skip`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SkippedRecord {
+    pub epoch: u64,
+    pub shard: PathBuf,
+    pub record: u64,
+    pub reason: String,
+}
+
+/// Time spent per stage, summed over threads, and queue occupancy.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LoaderStats {
+    pub threads: usize,
+    pub batches: u64,
+    pub samples: u64,
+    pub skipped: u64,
+    /// Fetching record bytes and checking CRCs.
+    pub read_s: f64,
+    pub decode_s: f64,
+    pub augment_s: f64,
+    /// Time the consumer waited in `next_batch`.
+    pub wait_s: f64,
+    /// Mean number of finished batches waiting when the consumer asked for one.
+    pub mean_ready_batches: f64,
+    /// Bytes of encoded images read.
+    pub bytes_read: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    batches: AtomicU64,
+    samples: AtomicU64,
+    skipped: AtomicU64,
+    read_ns: AtomicU64,
+    decode_ns: AtomicU64,
+    augment_ns: AtomicU64,
+    wait_ns: AtomicU64,
+    ready_sum: AtomicU64,
+    ready_n: AtomicU64,
+    bytes_read: AtomicU64,
+}
+
+/// The metadata of the batch a slot currently holds.
+#[derive(Default)]
+struct Job {
+    seq: u64,
+    epoch: u64,
+    index: usize,
+    samples: Vec<Sample>,
+    skipped: Vec<bool>,
+    error: Option<Error>,
+}
+
+/// One batch's memory, reused for batch after batch.
+struct Slot {
+    images: TensorCell,
+    labels: TensorCell,
+    images_ptr: usize,
+    labels_ptr: usize,
+    sample_bytes: usize,
+    job: Mutex<Job>,
+    remaining: AtomicUsize,
+}
+
+/// Workers write through raw pointers into disjoint parts of the slot's tensors and never
+/// touch the `Tensor` objects; only the consumer thread does, once the batch is complete.
+struct TensorCell(Tensor);
+// SAFETY: see above; the Tensor handle itself is used by one thread at a time.
+unsafe impl Sync for TensorCell {}
+
+struct Task {
+    slot: Arc<Slot>,
+    pos: usize,
+    sample: Sample,
+    epoch: u64,
+}
+
+/// A batch handed to the consumer. Its tensors borrow the loader's reused memory: they
+/// are valid while the `Batch` lives; copy them (`.copy()`, `.to_device(..)`) to keep
+/// them longer.
+pub struct Batch {
+    /// `[n, 3, H, W]` (NHWC memory, channels_last, when the layout is `Nhwc`).
+    pub images: Tensor,
+    /// `[n]`, int64.
+    pub labels: Tensor,
+    pub epoch: u64,
+    /// Index of the batch within its epoch.
+    pub index: usize,
+    /// Record index of each sample.
+    pub samples: Vec<Sample>,
+    /// Samples replaced because their record could not be decoded (skip policy).
+    pub skipped: Vec<bool>,
+    slot: Option<Arc<Slot>>,
+    free: Sender<Arc<Slot>>,
+}
+
+impl Batch {
+    pub fn len(&self) -> usize {
+        self.samples.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.samples.is_empty()
+    }
+
+    /// Samples that count for metrics: neither padding nor replaced.
+    pub fn valid(&self) -> impl Iterator<Item = bool> + '_ {
+        self.samples.iter().zip(&self.skipped).map(|(s, &k)| !s.padding && !k)
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            if let Ok(mut job) = slot.job.lock() {
+                // Hand the vectors back so the next batch reuses their capacity.
+                job.samples = std::mem::take(&mut self.samples);
+                job.skipped = std::mem::take(&mut self.skipped);
+            }
+            let _ = self.free.send(slot);
+        }
+    }
+}
+
+/// The loader of one rank. Threads start in `new` and are joined on drop.
+pub struct Loader {
+    ready: Receiver<Arc<Slot>>,
+    free: Sender<Arc<Slot>>,
+    stop: Option<Sender<()>>,
+    threads: Vec<JoinHandle<()>>,
+    reorder: BTreeMap<u64, Arc<Slot>>,
+    next_seq: u64,
+    /// The epoch `next_batch` is in, and a batch of the next epoch read ahead.
+    epoch: u64,
+    pending: Option<Arc<Slot>>,
+    state: LoaderState,
+    batches_per_epoch: usize,
+    counters: Arc<Counters>,
+    skipped: Arc<Mutex<Vec<SkippedRecord>>>,
+    worker_count: usize,
+    output: OutputSpec,
+}
+
+impl Loader {
+    pub fn new(source: Arc<dyn RecordSource>, cfg: LoaderConfig, state: LoaderState) -> Result<Self> {
+        let sampler = Sampler::new(source.len(), cfg.sampler.clone())?;
+        let batches_per_epoch = sampler.batches_per_epoch();
+        if batches_per_epoch == 0 {
+            return Err(Error::Config(format!(
+                "{} records make no batch of {} for rank {} of {}",
+                source.len(),
+                cfg.sampler.batch_size,
+                cfg.sampler.rank,
+                cfg.sampler.world_size
+            )));
+        }
+        if state.batch >= batches_per_epoch {
+            return Err(Error::Config(format!(
+                "resume position batch {} is past the epoch's {batches_per_epoch} batches",
+                state.batch
+            )));
+        }
+        if cfg.output.width == 0 || cfg.output.height == 0 {
+            return Err(Error::Config("output size must be at least 1x1".into()));
+        }
+        let workers = if cfg.threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            cfg.threads
+        };
+        let slots = cfg.prefetch.max(1) + 2;
+        let (free_tx, free_rx) = bounded::<Arc<Slot>>(slots);
+        for _ in 0..slots {
+            free_tx
+                .send(Arc::new(new_slot(cfg.sampler.batch_size, &cfg.output)?))
+                .map_err(|_| Error::Config("slot pool closed".into()))?;
+        }
+        let (ready_tx, ready_rx) = bounded::<Arc<Slot>>(slots);
+        let (task_tx, task_rx) = bounded::<Task>(cfg.sampler.batch_size * 2);
+        let (stop_tx, stop_rx) = bounded::<()>(0);
+        let counters = Arc::new(Counters::default());
+        let skipped = Arc::new(Mutex::new(Vec::new()));
+
+        let mut threads = Vec::with_capacity(workers + 1);
+        let planner = {
+            let stop_rx = stop_rx.clone();
+            std::thread::Builder::new()
+                .name("loader-planner".into())
+                .spawn(move || plan_batches(sampler, state, free_rx, task_tx, stop_rx))
+                .map_err(|e| Error::Config(format!("cannot start loader thread: {e}")))?
+        };
+        threads.push(planner);
+        for w in 0..workers {
+            let ctx = WorkerContext {
+                source: source.clone(),
+                cfg: cfg.clone(),
+                tasks: task_rx.clone(),
+                ready: ready_tx.clone(),
+                counters: counters.clone(),
+                skipped: skipped.clone(),
+            };
+            let handle = std::thread::Builder::new()
+                .name(format!("loader-worker-{w}"))
+                .spawn(move || ctx.run())
+                .map_err(|e| Error::Config(format!("cannot start loader thread: {e}")))?;
+            threads.push(handle);
+        }
+        Ok(Self {
+            ready: ready_rx,
+            free: free_tx,
+            stop: Some(stop_tx),
+            threads,
+            reorder: BTreeMap::new(),
+            next_seq: 0,
+            epoch: state.epoch,
+            pending: None,
+            state,
+            batches_per_epoch,
+            counters,
+            skipped,
+            worker_count: workers,
+            output: cfg.output,
+        })
+    }
+
+    /// Batches per epoch for this rank.
+    pub fn batches_per_epoch(&self) -> usize {
+        self.batches_per_epoch
+    }
+
+    /// The epoch the next batch belongs to.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The position after the last batch returned; save it to resume exactly.
+    pub fn state(&self) -> LoaderState {
+        self.state
+    }
+
+    pub fn output(&self) -> &OutputSpec {
+        &self.output
+    }
+
+    /// The next batch of the current epoch, or `None` at the epoch's end (the following
+    /// call starts the next epoch).
+    pub fn next_batch(&mut self) -> Option<Result<Batch>> {
+        let slot = match self.pending.take() {
+            Some(slot) => slot,
+            None => match self.next_in_order() {
+                Ok(slot) => slot,
+                Err(e) => return Some(Err(e)),
+            },
+        };
+        let (epoch, index) = {
+            let job = lock(&slot.job);
+            (job.epoch, job.index)
+        };
+        if epoch != self.epoch {
+            self.pending = Some(slot);
+            self.epoch = epoch;
+            return None;
+        }
+        self.state = if index + 1 == self.batches_per_epoch {
+            LoaderState {
+                epoch: epoch + 1,
+                batch: 0,
+            }
+        } else {
+            LoaderState {
+                epoch,
+                batch: index + 1,
+            }
+        };
+        Some(self.wrap(slot))
+    }
+
+    fn next_in_order(&mut self) -> Result<Arc<Slot>> {
+        let start = Instant::now();
+        self.counters
+            .ready_sum
+            .fetch_add((self.ready.len() + self.reorder.len()) as u64, Ordering::Relaxed);
+        self.counters.ready_n.fetch_add(1, Ordering::Relaxed);
+        let slot = loop {
+            if let Some(slot) = self.reorder.remove(&self.next_seq) {
+                break slot;
+            }
+            let slot = self
+                .ready
+                .recv()
+                .map_err(|_| Error::Config("loader threads stopped".into()))?;
+            let seq = lock(&slot.job).seq;
+            self.reorder.insert(seq, slot);
+        };
+        self.next_seq += 1;
+        self.counters
+            .wait_ns
+            .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        Ok(slot)
+    }
+
+    fn wrap(&self, slot: Arc<Slot>) -> Result<Batch> {
+        let (epoch, index, samples, skipped, error) = {
+            let mut job = lock(&slot.job);
+            (
+                job.epoch,
+                job.index,
+                std::mem::take(&mut job.samples),
+                std::mem::take(&mut job.skipped),
+                job.error.take(),
+            )
+        };
+        let n = samples.len() as i64;
+        let batch = Batch {
+            images: slot.images.0.narrow(0, 0, n),
+            labels: slot.labels.0.narrow(0, 0, n),
+            epoch,
+            index,
+            samples,
+            skipped,
+            slot: Some(slot),
+            free: self.free.clone(),
+        };
+        if let Some(e) = error {
+            return Err(e); // `batch` drops here and returns the slot
+        }
+        self.counters.batches.fetch_add(1, Ordering::Relaxed);
+        self.counters.samples.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(batch)
+    }
+
+    /// Counters since the loader started.
+    pub fn stats(&self) -> LoaderStats {
+        let c = &self.counters;
+        let s = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64 * 1e-9;
+        let n = c.ready_n.load(Ordering::Relaxed).max(1) as f64;
+        LoaderStats {
+            threads: self.worker_count,
+            batches: c.batches.load(Ordering::Relaxed),
+            samples: c.samples.load(Ordering::Relaxed),
+            skipped: c.skipped.load(Ordering::Relaxed),
+            read_s: s(&c.read_ns),
+            decode_s: s(&c.decode_ns),
+            augment_s: s(&c.augment_ns),
+            wait_s: s(&c.wait_ns),
+            mean_ready_batches: c.ready_sum.load(Ordering::Relaxed) as f64 / n,
+            bytes_read: c.bytes_read.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Records skipped so far (skip policy), emptied by the call.
+    pub fn take_skipped(&self) -> Vec<SkippedRecord> {
+        std::mem::take(&mut *lock(&self.skipped))
+    }
+}
+
+impl Drop for Loader {
+    fn drop(&mut self) {
+        // Closing the stop channel wakes the planner; it drops the task sender, and the
+        // workers finish what they hold and exit.
+        self.stop.take();
+        self.pending.take();
+        self.reorder.clear();
+        while self.ready.try_recv().is_ok() {}
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A worker that panicked cannot leave a Job half-updated in a way that matters here.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn new_slot(batch: usize, out: &OutputSpec) -> Result<Slot> {
+    let (b, h, w) = (batch as i64, i64::from(out.height), i64::from(out.width));
+    let kind = match out.dtype {
+        OutputDtype::U8 => Kind::Uint8,
+        OutputDtype::F16 => Kind::Half,
+        OutputDtype::F32 => Kind::Float,
+    };
+    let images = match out.layout {
+        Layout::Nchw => Tensor::empty([b, 3, h, w], (kind, Device::Cpu)),
+        // channels_last: NHWC memory seen through an NCHW shape, as PyTorch does.
+        Layout::Nhwc => Tensor::empty([b, h, w, 3], (kind, Device::Cpu)).permute([0, 3, 1, 2]),
+    };
+    let labels = Tensor::zeros([b], (Kind::Int64, Device::Cpu));
+    Ok(Slot {
+        images_ptr: images.data_ptr() as usize,
+        labels_ptr: labels.data_ptr() as usize,
+        images: TensorCell(images),
+        labels: TensorCell(labels),
+        sample_bytes: out.sample_bytes(),
+        job: Mutex::new(Job::default()),
+        remaining: AtomicUsize::new(0),
+    })
+}
+
+/// The planner thread: batch after batch, epoch after epoch, until stopped.
+fn plan_batches(
+    sampler: Sampler,
+    start: LoaderState,
+    free: Receiver<Arc<Slot>>,
+    tasks: Sender<Task>,
+    stop: Receiver<()>,
+) {
+    let mut seq = 0u64;
+    let mut epoch = start.epoch;
+    let mut first = start.batch;
+    loop {
+        for (k, samples) in sampler.epoch_batches(epoch, first).into_iter().enumerate() {
+            let slot = crossbeam::select! {
+                recv(free) -> slot => match slot { Ok(s) => s, Err(_) => return },
+                recv(stop) -> _ => return,
+            };
+            {
+                let mut job = lock(&slot.job);
+                job.seq = seq;
+                job.epoch = epoch;
+                job.index = first + k;
+                job.samples.clear();
+                job.samples.extend_from_slice(&samples);
+                job.skipped.clear();
+                job.skipped.resize(samples.len(), false);
+                job.error = None;
+            }
+            slot.remaining.store(samples.len(), Ordering::Release);
+            for (pos, &sample) in samples.iter().enumerate() {
+                let task = Task {
+                    slot: slot.clone(),
+                    pos,
+                    sample,
+                    epoch,
+                };
+                crossbeam::select! {
+                    send(tasks, task) -> r => if r.is_err() { return },
+                    recv(stop) -> _ => return,
+                }
+            }
+            seq += 1;
+        }
+        epoch += 1;
+        first = 0;
+    }
+}
+
+struct WorkerContext {
+    source: Arc<dyn RecordSource>,
+    cfg: LoaderConfig,
+    tasks: Receiver<Task>,
+    ready: Sender<Arc<Slot>>,
+    counters: Arc<Counters>,
+    skipped: Arc<Mutex<Vec<SkippedRecord>>>,
+}
+
+/// A worker's reusable scratch.
+struct Scratch {
+    decoder: CpuDecoder,
+    augmenter: Augmenter,
+    image: RgbImage,
+}
+
+impl WorkerContext {
+    fn run(self) {
+        let decoder = CpuDecoder::new(DecodeLimits {
+            max_pixels: self.cfg.max_pixels,
+        });
+        let mut scratch = match decoder {
+            Ok(decoder) => Scratch {
+                decoder,
+                augmenter: Augmenter::new(),
+                image: RgbImage {
+                    width: 0,
+                    height: 0,
+                    data: Vec::new(),
+                },
+            },
+            Err(e) => {
+                // Without a decoder this worker can only report the failure, per task.
+                let msg = e.to_string();
+                for task in self.tasks.iter() {
+                    self.finish(task, Err(Error::Config(msg.clone())));
+                }
+                return;
+            }
+        };
+        for task in self.tasks.iter() {
+            let result = self.process(&task, &mut scratch);
+            self.finish(task, result);
+        }
+    }
+
+    /// Fetch, plan, decode and augment one sample into its place in the batch.
+    fn process(&self, task: &Task, s: &mut Scratch) -> Result<()> {
+        let index = task.sample.index as usize;
+        let t0 = Instant::now();
+        let record = if self.cfg.verify_crc {
+            self.source.record(index)?
+        } else {
+            self.source.record_unchecked(index)?
+        };
+        let t1 = Instant::now();
+        let (width, height) = if record.width > 0 && record.height > 0 {
+            (record.width, record.height)
+        } else {
+            // TFRecords without image/width, image/height: read the JPEG header.
+            s.decoder.header(&record.data).map_err(|e| self.record_error(index, e))?
+        };
+        let crop = self.plan(width, height, task.epoch, task.sample.index);
+        let out = &self.cfg.output;
+        let window = s
+            .decoder
+            .decode_for_crop(&record.data, &crop, out.width, out.height, &mut s.image)
+            .map_err(|e| self.record_error(index, e))?;
+        let t2 = Instant::now();
+        let slot = &task.slot;
+        // SAFETY: each task owns sample `pos` of its slot, a disjoint range of the slot's
+        // tensor memory, which stays allocated while the slot exists.
+        let sample = unsafe {
+            std::slice::from_raw_parts_mut(
+                (slot.images_ptr as *mut u8).add(task.pos * slot.sample_bytes),
+                slot.sample_bytes,
+            )
+        };
+        s.augmenter
+            .crop_resize_into(&s.image.data, s.image.width, s.image.height, &window, out, sample)
+            .map_err(|e| self.record_error(index, e))?;
+        // SAFETY: as above, label `pos` belongs to this task.
+        unsafe { *(slot.labels_ptr as *mut i64).add(task.pos) = i64::from(record.label) };
+        let t3 = Instant::now();
+        let c = &self.counters;
+        c.read_ns.fetch_add((t1 - t0).as_nanos() as u64, Ordering::Relaxed);
+        c.decode_ns.fetch_add((t2 - t1).as_nanos() as u64, Ordering::Relaxed);
+        c.augment_ns.fetch_add((t3 - t2).as_nanos() as u64, Ordering::Relaxed);
+        c.bytes_read.fetch_add(record.data.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn plan(&self, width: u32, height: u32, epoch: u64, index: u32) -> CropWindow {
+        match &self.cfg.transform {
+            Transform::Train(rrc) => rrc.plan(width, height, sample_seed(self.cfg.sampler.seed, epoch, index)),
+            Transform::Eval(cc) => cc.plan(width, height),
+        }
+    }
+
+    fn record_error(&self, index: usize, e: impl std::fmt::Display) -> Error {
+        match self.source.locate(index) {
+            Ok((path, record)) => Error::Record {
+                path,
+                record,
+                reason: e.to_string(),
+            },
+            Err(_) => Error::Config(format!("record {index}: {e}")),
+        }
+    }
+
+    /// Records the outcome of a sample; the last sample of a batch passes the slot on.
+    fn finish(&self, task: Task, result: Result<()>) {
+        let Task { slot, pos, epoch, .. } = task;
+        if let Err(e) = result {
+            let mut job = lock(&slot.job);
+            match self.cfg.on_bad_record {
+                BadRecordPolicy::Error => {
+                    job.error.get_or_insert(e);
+                }
+                BadRecordPolicy::Skip => {
+                    job.skipped[pos] = true;
+                    self.counters.skipped.fetch_add(1, Ordering::Relaxed);
+                    let (shard, record) = match &e {
+                        Error::Record { path, record, .. } => (path.clone(), *record),
+                        _ => (PathBuf::new(), u64::from(job.samples[pos].index)),
+                    };
+                    lock(&self.skipped).push(SkippedRecord {
+                        epoch,
+                        shard,
+                        record,
+                        reason: e.to_string(),
+                    });
+                }
+            }
+        }
+        if slot.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            fill_skipped(&slot);
+            let _ = self.ready.send(slot);
+        }
+    }
+}
+
+/// Replaces skipped samples with a copy of the first good sample of the batch, so the
+/// batch keeps its size (every rank must see equal batches); all bad is an error.
+fn fill_skipped(slot: &Slot) {
+    let mut job = lock(&slot.job);
+    if job.error.is_some() || !job.skipped.iter().any(|&k| k) {
+        return;
+    }
+    let Some(good) = job.skipped.iter().position(|&k| !k) else {
+        job.error = Some(Error::Config(format!(
+            "every record of batch {} of epoch {} failed to decode",
+            job.index, job.epoch
+        )));
+        return;
+    };
+    let n = slot.sample_bytes;
+    for bad in (0..job.skipped.len()).filter(|&i| job.skipped[i]) {
+        // SAFETY: all tasks of this batch are finished; regions are disjoint.
+        unsafe {
+            let base = slot.images_ptr as *mut u8;
+            std::ptr::copy_nonoverlapping(base.add(good * n), base.add(bad * n), n);
+            let labels = slot.labels_ptr as *mut i64;
+            *labels.add(bad) = *labels.add(good);
+        }
+    }
+}

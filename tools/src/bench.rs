@@ -1,0 +1,254 @@
+//! `convnets bench`: throughput figures as a table or one JSON document.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand, ValueEnum};
+use convnets_formats::{Dataset, RecordSource};
+use convnets_pipeline::cpu::augment::{Layout, OutputDtype, OutputSpec};
+use convnets_pipeline::loader::{Loader, LoaderConfig, LoaderState, Transform};
+use convnets_pipeline::plan::{CenterCrop, RandomResizedCrop};
+use convnets_pipeline::sampler::{LastBatch, SamplerConfig};
+use serde_json::json;
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Loader-only throughput: how fast batches come out, nothing consumes them.
+    Loader(LoaderBenchArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LoaderKind {
+    Cpu,
+    Gpu,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DtypeArg {
+    U8,
+    F16,
+    F32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LayoutArg {
+    Nchw,
+    Nhwc,
+}
+
+#[derive(Debug, Args)]
+pub struct LoaderBenchArgs {
+    /// Dataset folder (made by pack-imagenet).
+    #[arg(long)]
+    pub data: PathBuf,
+    #[arg(long, default_value = "train")]
+    pub split: String,
+    #[arg(long, value_enum, default_value_t = LoaderKind::Cpu)]
+    pub loader: LoaderKind,
+    #[arg(long, default_value_t = 256)]
+    pub batch_size: usize,
+    /// Decode threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    #[arg(long, default_value_t = 224)]
+    pub image_size: u32,
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    pub dtype: DtypeArg,
+    #[arg(long, value_enum, default_value_t = LayoutArg::Nchw)]
+    pub layout: LayoutArg,
+    /// Evaluation transform (resize + centre crop) instead of the training one.
+    #[arg(long)]
+    pub eval: bool,
+    /// Batches excluded from the figures while caches and threads warm up.
+    #[arg(long, default_value_t = 5)]
+    pub warmup_batches: usize,
+    /// Stop after this many epochs...
+    #[arg(long)]
+    pub epochs: Option<u64>,
+    /// ...or after this many seconds (default 20 when --epochs is not given).
+    #[arg(long)]
+    pub seconds: Option<f64>,
+    #[arg(long, default_value_t = 2)]
+    pub prefetch: usize,
+    /// Print one JSON document.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
+    match cmd {
+        BenchCommand::Loader(a) => loader(a),
+    }
+}
+
+fn loader(a: LoaderBenchArgs) -> anyhow::Result<()> {
+    if a.loader == LoaderKind::Gpu {
+        // The GPU loader is not part of this build yet; say so rather than fall back.
+        convnets_pipeline::device::gpus()?;
+        bail!("the GPU loader is not available in this version; use --loader cpu");
+    }
+    let ds = Dataset::open(&a.data)?;
+    let split: Arc<dyn RecordSource> = Arc::new(ds.split(&a.split)?);
+    let records = split.len();
+    let cfg = LoaderConfig {
+        sampler: SamplerConfig {
+            seed: 0,
+            shuffle: !a.eval,
+            batch_size: a.batch_size,
+            rank: 0,
+            world_size: 1,
+            last_batch: LastBatch::Drop,
+        },
+        transform: if a.eval {
+            Transform::Eval(CenterCrop {
+                resize: (a.image_size * 8).div_ceil(7),
+                crop: a.image_size,
+            })
+        } else {
+            Transform::Train(RandomResizedCrop::default())
+        },
+        output: OutputSpec {
+            width: a.image_size,
+            height: a.image_size,
+            dtype: match a.dtype {
+                DtypeArg::U8 => OutputDtype::U8,
+                DtypeArg::F16 => OutputDtype::F16,
+                DtypeArg::F32 => OutputDtype::F32,
+            },
+            layout: match a.layout {
+                LayoutArg::Nchw => Layout::Nchw,
+                LayoutArg::Nhwc => Layout::Nhwc,
+            },
+            normalize: (a.dtype != DtypeArg::U8).then(Default::default),
+        },
+        threads: a.threads,
+        prefetch: a.prefetch,
+        ..LoaderConfig::default()
+    };
+    let mut loader = Loader::new(split, cfg, LoaderState::default())
+        .with_context(|| format!("starting the loader on {}", a.data.display()))?;
+    let limit = match (a.epochs, a.seconds) {
+        (Some(_), Some(_)) => bail!("give --epochs or --seconds, not both"),
+        (Some(e), None) => Limit::Epochs(e),
+        (None, s) => Limit::Time(Duration::from_secs_f64(s.unwrap_or(20.0))),
+    };
+
+    let mut measured_images = 0u64;
+    let mut measured_batches = 0u64;
+    let mut seen = 0usize;
+    let mut start = Instant::now();
+    let mut base = loader.stats();
+    let mut epochs_done = 0u64;
+    loop {
+        let Some(batch) = loader.next_batch() else {
+            epochs_done += 1;
+            if matches!(limit, Limit::Epochs(e) if epochs_done >= e) {
+                break;
+            }
+            continue;
+        };
+        let batch = batch?;
+        seen += 1;
+        if seen == a.warmup_batches {
+            start = Instant::now();
+            base = loader.stats();
+        } else if seen > a.warmup_batches {
+            measured_images += batch.len() as u64;
+            measured_batches += 1;
+        }
+        drop(batch);
+        if let Limit::Time(t) = limit {
+            if seen > a.warmup_batches && start.elapsed() >= t {
+                break;
+            }
+        }
+    }
+    let wall = start.elapsed().as_secs_f64();
+    if measured_batches == 0 {
+        bail!(
+            "no batches measured: the run ended within the {} warm-up batches (dataset of {records} records)",
+            a.warmup_batches
+        );
+    }
+    let stats = loader.stats();
+    let d = |x: f64, y: f64| x - y;
+    let img_s = measured_images as f64 / wall;
+    let mb_s = (stats.bytes_read - base.bytes_read) as f64 / wall / 1e6;
+    let doc = json!({
+        "bench": "loader",
+        "machine": machine(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "settings": {
+            "data": a.data, "split": a.split, "records": records, "loader": "cpu",
+            "batch_size": a.batch_size, "threads": stats.threads, "image_size": a.image_size,
+            "dtype": format!("{:?}", a.dtype).to_lowercase(),
+            "layout": format!("{:?}", a.layout).to_lowercase(),
+            "transform": if a.eval { "eval" } else { "train" },
+            "prefetch": a.prefetch, "warmup_batches": a.warmup_batches,
+        },
+        "images": measured_images,
+        "batches": measured_batches,
+        "wall_s": wall,
+        "images_per_s": img_s,
+        "encoded_mb_per_s": mb_s,
+        // Thread-seconds per stage over the measured window, summed over workers.
+        "stage_thread_s": {
+            "read": d(stats.read_s, base.read_s),
+            "decode": d(stats.decode_s, base.decode_s),
+            "augment": d(stats.augment_s, base.augment_s),
+        },
+        "consumer_wait_s": d(stats.wait_s, base.wait_s),
+        "mean_ready_batches": stats.mean_ready_batches,
+        "decoder_split": { "cpu": measured_images, "hardware": 0, "hybrid": 0 },
+        "skipped": stats.skipped,
+        "peak_rss_mib": peak_rss_mib(),
+    });
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        println!("loader cpu  {} threads  batch {}  {}x{} {:?} {:?}", stats.threads, a.batch_size, a.image_size, a.image_size, a.dtype, a.layout);
+        println!("  {:>10.0} images/s   {:>8.1} MB/s encoded   {} images in {:.1} s", img_s, mb_s, measured_images, wall);
+        println!(
+            "  thread-s: read {:.2}  decode {:.2}  augment {:.2}   consumer waited {:.2} s   ready queue {:.1}",
+            d(stats.read_s, base.read_s),
+            d(stats.decode_s, base.decode_s),
+            d(stats.augment_s, base.augment_s),
+            d(stats.wait_s, base.wait_s),
+            stats.mean_ready_batches
+        );
+    }
+    Ok(())
+}
+
+enum Limit {
+    Epochs(u64),
+    Time(Duration),
+}
+
+/// Cores and CPU model, so figures from different machines are not mixed up.
+pub fn machine() -> serde_json::Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_default();
+    json!({
+        "cores": std::thread::available_parallelism().map_or(1, |n| n.get()),
+        "cpu": cpu,
+        "arch": std::env::consts::ARCH,
+    })
+}
+
+/// Peak resident memory of this process (Linux), in MiB.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
