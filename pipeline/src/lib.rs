@@ -12,6 +12,7 @@
 
 pub mod cpu;
 pub mod device;
+pub mod loader;
 pub mod plan;
 pub mod sampler;
 

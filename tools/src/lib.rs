@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-// mod bench; (enabled with the loader)
+mod bench;
 mod dataset_cmds;
 mod devices;
 mod pack;
@@ -29,9 +29,9 @@ pub enum Command {
     Verify(dataset_cmds::VerifyArgs),
     /// List the GPUs this build can use (needs a build with `--features cuda`).
     Devices(devices::DevicesArgs),
-    // /// Measure throughput (loader-only, ...), as a table or JSON.
-    // #[command(subcommand)]
-    // Bench(bench::BenchCommand),
+    /// Measure throughput (loader-only, ...), as a table or JSON.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 /// Runs the tool on `args` (the first item is the program name).
@@ -46,7 +46,7 @@ where
         Command::Inspect(a) => dataset_cmds::inspect(a),
         Command::Verify(a) => dataset_cmds::verify(a),
         Command::Devices(a) => devices::run(a),
-        // Command::Bench(c) => bench::run(c),
+        Command::Bench(c) => bench::run(c),
     }
 }
 

@@ -1,0 +1,950 @@
+//! The CPU augmentation step: crop + antialiased bilinear resize + horizontal flip +
+//! normalise + cast + layout, in one horizontal and one vertical pass, written straight
+//! into one sample's slot of a batch buffer.
+//!
+//! The resampling reproduces Pillow's `Image.resize(size, Image.BILINEAR)` (what
+//! torchvision's `RandomResizedCrop` and `Resize` run on PIL images) bit for bit: the
+//! same triangle filter widened by the downscale factor, the same centre convention
+//! (`center = box0 + (i + 0.5) * scale`), the same 22-bit fixed-point coefficients and the
+//! same rounding of the horizontal pass to `u8` before the vertical one (Pillow's
+//! `libImaging/Resample.c`). The crop window is treated as the image being resized, as
+//! torchvision crops before it resizes: the filter never reads a pixel outside the
+//! window's pixel span `floor(x)..ceil(x + width)`. For an integer window (every
+//! [`RandomResizedCrop`](crate::plan::RandomResizedCrop) window) the `u8` result equals
+//! `F.resized_crop(img, y, x, h, w, size, BILINEAR)` exactly; the `f32` result equals
+//! `ToTensor` + `Normalize` on it to within float rounding.
+//!
+//! ```
+//! use convnets_pipeline::cpu::augment::{Augmenter, Layout, Normalize, OutputDtype, OutputSpec};
+//! use convnets_pipeline::plan::CropWindow;
+//!
+//! let (w, h) = (64u32, 48u32);
+//! let image = vec![128u8; (w * h * 3) as usize];
+//! let spec = OutputSpec {
+//!     width: 32,
+//!     height: 32,
+//!     dtype: OutputDtype::F32,
+//!     layout: Layout::Nchw,
+//!     normalize: Some(Normalize::default()),
+//! };
+//! let mut out = vec![0u8; spec.sample_bytes()];
+//! let crop = CropWindow { x: 8.0, y: 0.0, width: 48.0, height: 48.0, flip: true };
+//! Augmenter::new().crop_resize_into(&image, w, h, &crop, &spec, &mut out)?;
+//! let first = f32::from_ne_bytes(out[..4].try_into().unwrap());
+//! assert!((first - (128.0 / 255.0 - 0.485) / 0.229).abs() < 1e-5);
+//! # Ok::<(), convnets_pipeline::cpu::augment::AugmentError>(())
+//! ```
+
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+use serde::{Deserialize, Serialize};
+
+use crate::plan::CropWindow;
+
+/// Element type of the output tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OutputDtype {
+    /// Resampled pixel values 0..=255, not normalised.
+    U8,
+    F16,
+    F32,
+}
+
+impl OutputDtype {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            OutputDtype::U8 => 1,
+            OutputDtype::F16 => 2,
+            OutputDtype::F32 => 4,
+        }
+    }
+}
+
+/// Memory layout of one sample.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Layout {
+    /// Planar: all R, then all G, then all B (PyTorch's default).
+    Nchw,
+    /// Interleaved RGBRGB..., as decoded (channels-last).
+    Nhwc,
+}
+
+/// Per-channel normalisation `(x / 255 - mean) / std`, RGB order.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Normalize {
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl Default for Normalize {
+    /// The ImageNet statistics torchvision's reference scripts use.
+    fn default() -> Self {
+        Self {
+            mean: [0.485, 0.456, 0.406],
+            std: [0.229, 0.224, 0.225],
+        }
+    }
+}
+
+/// What one output sample looks like.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OutputSpec {
+    /// Output width in pixels.
+    pub width: u32,
+    /// Output height in pixels.
+    pub height: u32,
+    /// Element type.
+    pub dtype: OutputDtype,
+    /// Planar or interleaved channels.
+    pub layout: Layout,
+    /// `Some`: `(x / 255 - mean) / std`; `None`: `x / 255` for float outputs (torchvision's
+    /// `ToTensor` alone) and the raw 0..=255 values for `U8`, which admits only `None`.
+    pub normalize: Option<Normalize>,
+}
+
+impl Default for OutputSpec {
+    /// 224 x 224, f32, NCHW, ImageNet-normalised: what torchvision's training recipe feeds.
+    fn default() -> Self {
+        Self {
+            width: 224,
+            height: 224,
+            dtype: OutputDtype::F32,
+            layout: Layout::Nchw,
+            normalize: Some(Normalize::default()),
+        }
+    }
+}
+
+impl OutputSpec {
+    /// Bytes of one sample: `width * height * 3 * dtype size`.
+    pub fn sample_bytes(&self) -> usize {
+        (self.width as usize)
+            .saturating_mul(self.height as usize)
+            .saturating_mul(3 * self.dtype.size())
+    }
+
+    fn check(&self) -> Result<(), AugmentError> {
+        if self.width == 0 || self.height == 0 {
+            return Err(AugmentError::EmptyOutput {
+                width: self.width,
+                height: self.height,
+            });
+        }
+        if let Some(n) = &self.normalize {
+            if self.dtype == OutputDtype::U8 {
+                return Err(AugmentError::NormalizedU8);
+            }
+            let ok = n.mean.iter().all(|m| m.is_finite())
+                && n.std.iter().all(|s| s.is_finite() && *s != 0.0);
+            if !ok {
+                return Err(AugmentError::BadNormalize(*n));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why a sample could not be produced. Every argument is checked before any work.
+#[derive(Debug, thiserror::Error)]
+pub enum AugmentError {
+    #[error("source image is {width}x{height} RGB ({expected} bytes) but the slice has {got} bytes")]
+    SourceSize {
+        width: u32,
+        height: u32,
+        expected: usize,
+        got: usize,
+    },
+    #[error("output slot must be {expected} bytes for this OutputSpec, got {got}")]
+    OutputSize { expected: usize, got: usize },
+    #[error("output size {width}x{height} is empty")]
+    EmptyOutput { width: u32, height: u32 },
+    #[error("crop window {crop:?} is empty, not finite or outside the {width}x{height} image")]
+    BadCrop {
+        crop: CropWindow,
+        width: u32,
+        height: u32,
+    },
+    #[error("U8 output cannot hold normalised values; use F16/F32 or `normalize: None`")]
+    NormalizedU8,
+    #[error("normalisation {0:?} has a non-finite mean or a zero or non-finite std")]
+    BadNormalize(Normalize),
+}
+
+impl From<AugmentError> for crate::Error {
+    fn from(e: AugmentError) -> Self {
+        crate::Error::Config(e.to_string())
+    }
+}
+
+/// Pillow's `PRECISION_BITS` for 8-bit images: coefficients are fixed point with 22
+/// fractional bits, leaving room for 8 bits of pixel and 2 of overshoot in an `i32`.
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+/// Rounding term added before the final shift.
+const HALF: i32 = 1 << (PRECISION_BITS - 1);
+/// How far a crop edge may stray from the image, or from a pixel boundary, and still be
+/// taken as lying on it (float noise in planned windows).
+const EDGE_SLACK: f64 = 1e-6;
+
+/// One axis of a crop: the source pixels `lo..hi` the filter may read, and the window
+/// `in0..in1` in coordinates relative to `lo` (Pillow's `box`).
+#[derive(Clone, Copy, Debug)]
+struct Span {
+    lo: usize,
+    hi: usize,
+    in0: f64,
+    in1: f64,
+}
+
+impl Span {
+    /// `None` if the window `start..start + len` is empty, not finite or outside `0..size`.
+    ///
+    /// An edge on a pixel boundary cuts the image there, as torchvision's crop-then-resize
+    /// does (every RandomResizedCrop window). An edge inside a pixel lets the filter read
+    /// on to the image border, as resize-then-crop does: such windows come from
+    /// [`CenterCrop`](crate::plan::CenterCrop), whose torchvision original resizes the
+    /// whole image before cropping.
+    fn new(start: f64, len: f64, size: u32) -> Option<Span> {
+        let size = f64::from(size);
+        let end = start + len;
+        if !(start.is_finite() && len.is_finite() && len > 0.0)
+            || start < -EDGE_SLACK
+            || end > size + EDGE_SLACK
+        {
+            return None;
+        }
+        let (start, end) = (snap(start).max(0.0), snap(end).min(size));
+        if end <= start {
+            return None;
+        }
+        let lo = if start.fract() == 0.0 { start } else { 0.0 };
+        let hi = if end.fract() == 0.0 { end } else { size };
+        Some(Span {
+            lo: lo as usize,
+            hi: hi as usize,
+            in0: start - lo,
+            in1: end - lo,
+        })
+    }
+
+    fn len(&self) -> f64 {
+        self.in1 - self.in0
+    }
+}
+
+/// Fixed-point filter coefficients for one axis: output pixel `i` reads `width` source
+/// pixels from `starts[i]`, weighted by `coeffs[i * width..][..width]`. Every output has
+/// the same number of taps (zero-padded, inside the span), so the kernels can be
+/// specialised on it. Grow-only buffers, rebuilt per call without allocating.
+#[derive(Debug, Default)]
+struct FilterTable {
+    starts: Vec<u32>,
+    coeffs: Vec<i32>,
+    width: usize,
+    /// Pillow's coefficients before padding: `ksize` per output, and `(start, len)`.
+    raw: Vec<i32>,
+    raw_taps: Vec<(usize, usize)>,
+    weights: Vec<f64>,
+}
+
+impl FilterTable {
+    /// Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc` for `BILINEAR`, resizing
+    /// `span` to `out_size` pixels. Zero coefficients at either end are dropped and the
+    /// rest padded back with zeros to a common width, which changes no sum. `reverse`
+    /// lists the outputs right to left (a horizontal flip).
+    fn build(&mut self, span: Span, out_size: usize, reverse: bool) {
+        let in_size = span.hi - span.lo;
+        let scale = span.len() / out_size as f64;
+        let filterscale = scale.max(1.0);
+        let support = filterscale; // the triangle's support is 1, widened when downscaling
+        let ksize = support.ceil() as usize * 2 + 1;
+        let ss = 1.0 / filterscale;
+        self.raw.clear();
+        self.raw.resize(out_size * ksize, 0);
+        self.raw_taps.clear();
+        self.raw_taps.resize(out_size, (0, 0));
+        self.weights.clear();
+        self.weights.resize(ksize, 0.0);
+
+        for xx in 0..out_size {
+            let center = span.in0 + (xx as f64 + 0.5) * scale;
+            // `as` truncates toward zero, like Pillow's `(int)` casts.
+            let xmin = ((center - support + 0.5) as i64).max(0);
+            let xmax = ((center + support + 0.5) as i64).min(in_size as i64);
+            let n = usize::try_from(xmax - xmin).unwrap_or(0).min(ksize);
+            let xmin = xmin as usize;
+            let mut ww = 0.0;
+            for (x, w) in self.weights[..n].iter_mut().enumerate() {
+                let t = (((x + xmin) as f64 - center + 0.5) * ss).abs();
+                *w = if t < 1.0 { 1.0 - t } else { 0.0 };
+                ww += *w;
+            }
+            let slot = if reverse { out_size - 1 - xx } else { xx };
+            let k = &mut self.raw[slot * ksize..][..ksize];
+            let (mut first, mut last) = (usize::MAX, 0);
+            for (x, &w) in self.weights[..n].iter().enumerate() {
+                let w = if ww != 0.0 { w / ww } else { w };
+                let scaled = w * f64::from(1u32 << PRECISION_BITS);
+                let fixed = if w < 0.0 { (scaled - 0.5) as i32 } else { (scaled + 0.5) as i32 };
+                if fixed != 0 {
+                    first = first.min(x);
+                    last = x;
+                }
+                k[x] = fixed;
+            }
+            self.raw_taps[slot] = if first == usize::MAX {
+                // Cannot happen for a non-empty span (some tap lies within half a pixel of
+                // the centre); one zero tap keeps the output defined all the same.
+                (xmin.min(in_size - 1), 1)
+            } else {
+                k.copy_within(first..=last, 0);
+                (xmin + first, last - first + 1)
+            };
+        }
+
+        // Pad to the widest filter; the padded taps stay inside the span.
+        let width = self.raw_taps.iter().map(|&(_, len)| len).max().unwrap_or(1);
+        self.width = width;
+        self.starts.clear();
+        self.coeffs.clear();
+        self.coeffs.resize(out_size * width, 0);
+        for (i, &(start, len)) in self.raw_taps.iter().enumerate() {
+            let padded = start.min(in_size - width);
+            let front = start - padded;
+            self.coeffs[i * width + front..][..len].copy_from_slice(&self.raw[i * ksize..][..len]);
+            self.starts.push((span.lo + padded) as u32);
+        }
+    }
+
+    /// The source indices any output reads: `first..end`.
+    fn extent(&self) -> (usize, usize) {
+        let first = self.starts.iter().copied().min().unwrap_or(0) as usize;
+        let last = self.starts.iter().copied().max().unwrap_or(0) as usize;
+        (first, last + self.width)
+    }
+}
+
+/// `v`, or the integer it is within [`EDGE_SLACK`] of.
+fn snap(v: f64) -> f64 {
+    if (v - v.round()).abs() < EDGE_SLACK {
+        v.round()
+    } else {
+        v
+    }
+}
+
+#[inline(always)]
+fn clip8(acc: i32) -> u8 {
+    (acc >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+/// Reusable scratch for [`Augmenter::crop_resize_into`]: filter tables, the output of the
+/// first pass, and the buffers of the output stage. Owned by one worker thread; its
+/// buffers only grow, so steady state allocates nothing.
+#[derive(Debug, Default)]
+pub struct Augmenter {
+    horizontal: FilterTable,
+    vertical: FilterTable,
+    /// Output of the first pass, `u8` RGB interleaved: the rows the vertical filter reads
+    /// (horizontal pass first) or one row (vertical pass first).
+    intermediate: Vec<u8>,
+    /// The image's last row plus one spare byte, when the horizontal kernel reads to its end.
+    last_row: Vec<u8>,
+    output: RowOutput,
+}
+
+impl Augmenter {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// `src`: RGB u8 HWC, `src_w x src_h`. Writes one sample into `out` (exactly
+    /// `spec.sample_bytes()` bytes, dtype's native-endian representation).
+    ///
+    /// The window `crop` (source pixels, may be fractional) is resized to
+    /// `spec.width x spec.height`, mirrored left-right if `crop.flip`, then normalised,
+    /// cast and laid out as `spec` says. See the module docs for the exact semantics.
+    pub fn crop_resize_into(
+        &mut self,
+        src: &[u8],
+        src_w: u32,
+        src_h: u32,
+        crop: &CropWindow,
+        spec: &OutputSpec,
+        out: &mut [u8],
+    ) -> Result<(), AugmentError> {
+        spec.check()?;
+        let expected = (src_w as usize)
+            .checked_mul(src_h as usize)
+            .and_then(|n| n.checked_mul(3));
+        if expected != Some(src.len()) {
+            return Err(AugmentError::SourceSize {
+                width: src_w,
+                height: src_h,
+                expected: expected.unwrap_or(usize::MAX),
+                got: src.len(),
+            });
+        }
+        if out.len() != spec.sample_bytes() {
+            return Err(AugmentError::OutputSize {
+                expected: spec.sample_bytes(),
+                got: out.len(),
+            });
+        }
+        let bad_crop = || AugmentError::BadCrop {
+            crop: *crop,
+            width: src_w,
+            height: src_h,
+        };
+        let x = Span::new(crop.x, crop.width, src_w).ok_or_else(bad_crop)?;
+        let y = Span::new(crop.y, crop.height, src_h).ok_or_else(bad_crop)?;
+
+        let (out_w, out_h) = (spec.width as usize, spec.height as usize);
+        self.horizontal.build(x, out_w, crop.flip);
+        self.vertical.build(y, out_h, false);
+        self.output.prepare(spec);
+        // Pillow (>= 13) runs the vertical pass first when it removes more than twice as
+        // many rows as the horizontal pass removes columns. The order decides how the
+        // intermediate image is rounded, so we follow it, judged on the image Pillow
+        // would resize: the span the filter reads, scaled as the window is (for a
+        // crop-then-resize window that is the window itself).
+        let (x_in, y_in) = ((x.hi - x.lo) as f64, (y.hi - y.lo) as f64);
+        let x_out = snap(x_in * out_w as f64 / x.len());
+        let y_out = snap(y_in * out_h as f64 / y.len());
+        let vertical_first = y_out < y_in && y_in - y_out > 2.0 * (x_in - x_out);
+        dispatch(self, src, src_w as usize, spec, vertical_first, out);
+        Ok(())
+    }
+}
+
+/// The output stage: one resampled `u8` row in, one row of the sample out.
+#[derive(Debug, Default)]
+struct RowOutput {
+    row_u8: Vec<u8>,
+    row_f32: Vec<f32>,
+    row_f16: Vec<f16>,
+    /// Per-element scale and offset of an interleaved row (`v * scale + offset`).
+    scale: Vec<f32>,
+    offset: Vec<f32>,
+}
+
+impl RowOutput {
+    /// Sizes the row buffers and precomputes the scale/offset for `spec`.
+    fn prepare(&mut self, spec: &OutputSpec) {
+        let n = spec.width as usize * 3;
+        self.row_u8.resize(n, 0);
+        if spec.dtype == OutputDtype::U8 {
+            return;
+        }
+        self.row_f32.resize(n, 0.0);
+        if spec.dtype == OutputDtype::F16 {
+            self.row_f16.resize(n, f16::ZERO);
+        }
+        // (v / 255 - mean) / std == v * (1 / (255 std)) + (-mean / std)
+        let (mut s, mut o) = ([1.0f32 / 255.0; 3], [0.0f32; 3]);
+        if let Some(norm) = &spec.normalize {
+            for c in 0..3 {
+                let std = f64::from(norm.std[c]);
+                s[c] = (1.0 / (255.0 * std)) as f32;
+                o[c] = (-f64::from(norm.mean[c]) / std) as f32;
+            }
+        }
+        self.scale.clear();
+        self.offset.clear();
+        for _ in 0..spec.width {
+            self.scale.extend_from_slice(&s);
+            self.offset.extend_from_slice(&o);
+        }
+    }
+
+    /// Normalises, casts and writes `row_u8` as output row `yy`.
+    #[inline(always)]
+    fn emit(&mut self, yy: usize, spec: &OutputSpec, out: &mut [u8]) {
+        let out_w = spec.width as usize;
+        let (row_len, plane) = (out_w * 3, out_w * spec.height as usize);
+        let es = spec.dtype.size();
+        if spec.dtype == OutputDtype::U8 {
+            match spec.layout {
+                Layout::Nhwc => out[yy * row_len..][..row_len].copy_from_slice(&self.row_u8),
+                Layout::Nchw => {
+                    for c in 0..3 {
+                        let dst = &mut out[c * plane + yy * out_w..][..out_w];
+                        for (d, px) in dst.iter_mut().zip(self.row_u8.chunks_exact(3)) {
+                            *d = px[c];
+                        }
+                    }
+                }
+            }
+            return;
+        }
+        for (((f, &v), &s), &o) in self.row_f32.iter_mut().zip(&self.row_u8).zip(&self.scale).zip(&self.offset) {
+            *f = f32::from(v) * s + o;
+        }
+        if spec.dtype == OutputDtype::F16 {
+            self.row_f16.convert_from_f32_slice(&self.row_f32);
+        }
+        match spec.layout {
+            Layout::Nhwc => {
+                let dst = &mut out[yy * row_len * es..][..row_len * es];
+                self.write(dst, spec.dtype, 0, 1);
+            }
+            Layout::Nchw => {
+                for c in 0..3 {
+                    let dst = &mut out[(c * plane + yy * out_w) * es..][..out_w * es];
+                    self.write(dst, spec.dtype, c, 3);
+                }
+            }
+        }
+    }
+
+    /// Writes every `step`-th float of the row from `first` into `dst` as native-endian
+    /// bytes of `dtype` (F16 or F32).
+    #[inline(always)]
+    fn write(&self, dst: &mut [u8], dtype: OutputDtype, first: usize, step: usize) {
+        if dtype == OutputDtype::F32 {
+            for (d, v) in dst.chunks_exact_mut(4).zip(self.row_f32[first..].iter().step_by(step)) {
+                d.copy_from_slice(&v.to_ne_bytes());
+            }
+        } else {
+            for (d, v) in dst.chunks_exact_mut(2).zip(self.row_f16[first..].iter().step_by(step)) {
+                d.copy_from_slice(&v.to_ne_bytes());
+            }
+        }
+    }
+}
+
+/// Runs the passes with the widest vector unit this CPU has; the kernels are written so
+/// the compiler vectorises them, and AVX2 doubles the lanes and adds a 32-bit multiply.
+fn dispatch(a: &mut Augmenter, src: &[u8], src_w: usize, spec: &OutputSpec, vertical_first: bool, out: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        unsafe { resample_avx2(a, src, src_w, spec, vertical_first, out) };
+        return;
+    }
+    resample(a, src, src_w, spec, vertical_first, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn resample_avx2(a: &mut Augmenter, src: &[u8], src_w: usize, spec: &OutputSpec, vertical_first: bool, out: &mut [u8]) {
+    resample(a, src, src_w, spec, vertical_first, out);
+}
+
+/// Both passes and the output stage, in Pillow's order.
+#[inline(always)]
+fn resample(a: &mut Augmenter, src: &[u8], src_w: usize, spec: &OutputSpec, vertical_first: bool, out: &mut [u8]) {
+    let (out_w, out_h) = (spec.width as usize, spec.height as usize);
+    let (stride, row_len) = (src_w * 3, out_w * 3);
+    let (v, h) = (&a.vertical, &a.horizontal);
+    if vertical_first {
+        // Vertical pass over the columns the horizontal filter reads, one row at a time,
+        // then straight through the horizontal pass into the output stage.
+        let (c0, c1) = h.extent();
+        let cols = c0 * 3..c1 * 3;
+        // One spare byte: the horizontal kernel loads 4 bytes per RGB pixel.
+        a.intermediate.resize(cols.len() + 1, 0);
+        for yy in 0..out_h {
+            let first = v.starts[yy] as usize;
+            let coeffs = &v.coeffs[yy * v.width..][..v.width];
+            filter_vertical(src, stride, cols.clone(), first, coeffs, &mut a.intermediate);
+            filter_horizontal(&a.intermediate, c0, h, &mut a.output.row_u8);
+            a.output.emit(yy, spec, out);
+        }
+    } else {
+        // Horizontal pass over every row the vertical filter reads, then the vertical
+        // pass one output row at a time into the output stage.
+        let (r0, r1) = v.extent();
+        let (_, c1) = h.extent();
+        a.intermediate.resize((r1 - r0) * row_len, 0);
+        for (r, dst) in a.intermediate.chunks_exact_mut(row_len).enumerate() {
+            let row = &src[(r0 + r) * stride..];
+            if row.len() > c1 * 3 {
+                filter_horizontal(row, 0, h, dst);
+            } else {
+                // The image's last row, read up to its last pixel: no spare byte after it.
+                a.last_row.clear();
+                a.last_row.extend_from_slice(row);
+                a.last_row.push(0);
+                filter_horizontal(&a.last_row, 0, h, dst);
+            }
+        }
+        for yy in 0..out_h {
+            let first = v.starts[yy] as usize - r0;
+            let coeffs = &v.coeffs[yy * v.width..][..v.width];
+            filter_vertical(&a.intermediate, row_len, 0..row_len, first, coeffs, &mut a.output.row_u8);
+            a.output.emit(yy, spec, out);
+        }
+    }
+}
+
+/// Pillow's `ImagingResampleHorizontal_8bpc` for one row: `src` holds RGB pixels from
+/// column `col0` on, and at least one byte after the last pixel read; `dst` gets one RGB
+/// pixel per output of `table`.
+#[inline(always)]
+fn filter_horizontal(src: &[u8], col0: usize, table: &FilterTable, dst: &mut [u8]) {
+    match table.width {
+        1 => horizontal_fixed::<1>(src, col0, table, dst),
+        2 => horizontal_fixed::<2>(src, col0, table, dst),
+        3 => horizontal_fixed::<3>(src, col0, table, dst),
+        4 => horizontal_fixed::<4>(src, col0, table, dst),
+        5 => horizontal_fixed::<5>(src, col0, table, dst),
+        6 => horizontal_fixed::<6>(src, col0, table, dst),
+        7 => horizontal_fixed::<7>(src, col0, table, dst),
+        8 => horizontal_fixed::<8>(src, col0, table, dst),
+        _ => horizontal_any(src, col0, table, dst),
+    }
+}
+
+/// `K` taps per output. Each pixel is loaded as 4 bytes (RGB + the next pixel's R) so
+/// the three channels plus one ignored lane form one 4-lane vector operation.
+#[inline(always)]
+fn horizontal_fixed<const K: usize>(src: &[u8], col0: usize, table: &FilterTable, dst: &mut [u8]) {
+    for ((px, &start), k) in dst.chunks_exact_mut(3).zip(&table.starts).zip(table.coeffs.chunks_exact(K)) {
+        let off = (start as usize - col0) * 3;
+        let s = &src[off..off + 3 * K + 1];
+        let mut acc = [HALF; 4];
+        for t in 0..K {
+            for (c, a) in acc.iter_mut().enumerate() {
+                *a += i32::from(s[3 * t + c]) * k[t];
+            }
+        }
+        px[0] = clip8(acc[0]);
+        px[1] = clip8(acc[1]);
+        px[2] = clip8(acc[2]);
+    }
+}
+
+/// Any number of taps (strong downscales).
+#[inline(always)]
+fn horizontal_any(src: &[u8], col0: usize, table: &FilterTable, dst: &mut [u8]) {
+    let k_all = table.coeffs.chunks_exact(table.width);
+    for ((px, &start), k) in dst.chunks_exact_mut(3).zip(&table.starts).zip(k_all) {
+        let s = &src[(start as usize - col0) * 3..][..table.width * 3];
+        let (mut r, mut g, mut b) = (HALF, HALF, HALF);
+        for (p, &k) in s.chunks_exact(3).zip(k) {
+            r += i32::from(p[0]) * k;
+            g += i32::from(p[1]) * k;
+            b += i32::from(p[2]) * k;
+        }
+        px[0] = clip8(r);
+        px[1] = clip8(g);
+        px[2] = clip8(b);
+    }
+}
+
+/// Pillow's `ImagingResampleVertical_8bpc` for one output row: the bytes `cols` of rows
+/// `first..first + coeffs.len()` of `src` (rows `stride` bytes apart), weighted and
+/// summed into `dst`.
+#[inline(always)]
+fn filter_vertical(src: &[u8], stride: usize, cols: std::ops::Range<usize>, first: usize, coeffs: &[i32], dst: &mut [u8]) {
+    let rows = &src[first * stride + cols.start..];
+    let dst = &mut dst[..cols.len()];
+    match coeffs.len() {
+        1 => vertical_fixed::<1>(rows, stride, coeffs, dst),
+        2 => vertical_fixed::<2>(rows, stride, coeffs, dst),
+        3 => vertical_fixed::<3>(rows, stride, coeffs, dst),
+        4 => vertical_fixed::<4>(rows, stride, coeffs, dst),
+        5 => vertical_fixed::<5>(rows, stride, coeffs, dst),
+        6 => vertical_fixed::<6>(rows, stride, coeffs, dst),
+        7 => vertical_fixed::<7>(rows, stride, coeffs, dst),
+        8 => vertical_fixed::<8>(rows, stride, coeffs, dst),
+        _ => vertical_any(rows, stride, coeffs, dst),
+    }
+}
+
+/// `K` rows, summed in registers: one pass over `dst`, vectorised along the row.
+#[inline(always)]
+fn vertical_fixed<const K: usize>(rows: &[u8], stride: usize, coeffs: &[i32], dst: &mut [u8]) {
+    let n = dst.len();
+    let row: [&[u8]; K] = std::array::from_fn(|t| &rows[t * stride..][..n]);
+    let k: [i32; K] = std::array::from_fn(|t| coeffs[t]);
+    for (i, d) in dst.iter_mut().enumerate() {
+        let mut acc = HALF;
+        for t in 0..K {
+            acc += i32::from(row[t][i]) * k[t];
+        }
+        *d = clip8(acc);
+    }
+}
+
+/// Any number of rows (strong downscales): accumulated row after row in `i32`, a stack
+/// buffer's worth of the row at a time.
+#[inline(always)]
+fn vertical_any(rows: &[u8], stride: usize, coeffs: &[i32], dst: &mut [u8]) {
+    let n = dst.len();
+    let mut acc = [0i32; 256];
+    for start in (0..n).step_by(acc.len()) {
+        let len = acc.len().min(n - start);
+        let acc = &mut acc[..len];
+        acc.fill(HALF);
+        for (t, &k) in coeffs.iter().enumerate() {
+            for (a, &v) in acc.iter_mut().zip(&rows[t * stride + start..][..len]) {
+                *a += i32::from(v) * k;
+            }
+        }
+        for (d, &a) in dst[start..start + len].iter_mut().zip(acc.iter()) {
+            *d = clip8(a);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(width: u32, height: u32, dtype: OutputDtype, layout: Layout) -> OutputSpec {
+        let normalize = (dtype != OutputDtype::U8).then(Normalize::default);
+        OutputSpec { width, height, dtype, layout, normalize }
+    }
+
+    fn window(x: f64, y: f64, width: f64, height: f64, flip: bool) -> CropWindow {
+        CropWindow { x, y, width, height, flip }
+    }
+
+    /// A deterministic image with edges, gradients and noise.
+    fn test_image(w: u32, h: u32) -> Vec<u8> {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut out = Vec::with_capacity((w * h * 3) as usize);
+        for y in 0..h {
+            for x in 0..w {
+                for c in 0..3u32 {
+                    state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    let noise = (state >> 59) as u32;
+                    let base = if (x / 7 + y / 5 + c) % 2 == 0 { 40 } else { 200 };
+                    out.push(((base + x * (c + 1) / 3 + noise) % 256) as u8);
+                }
+            }
+        }
+        out
+    }
+
+    fn run(img: &[u8], w: u32, h: u32, crop: &CropWindow, spec: &OutputSpec) -> Vec<u8> {
+        let mut out = vec![0u8; spec.sample_bytes()];
+        Augmenter::new().crop_resize_into(img, w, h, crop, spec, &mut out).unwrap();
+        out
+    }
+
+    fn f32s(bytes: &[u8]) -> Vec<f32> {
+        bytes.chunks_exact(4).map(|b| f32::from_ne_bytes(b.try_into().unwrap())).collect()
+    }
+
+    fn f16s(bytes: &[u8]) -> Vec<f32> {
+        bytes.chunks_exact(2).map(|b| f16::from_ne_bytes(b.try_into().unwrap()).to_f32()).collect()
+    }
+
+    #[test]
+    fn identity_crop_reproduces_the_input() {
+        let (w, h) = (37, 23);
+        let img = test_image(w, h);
+        let s = spec(w, h, OutputDtype::U8, Layout::Nhwc);
+        assert_eq!(run(&img, w, h, &window(0.0, 0.0, 37.0, 23.0, false), &s), img);
+        // An integer sub-window at its own size is a plain crop.
+        let s = spec(10, 8, OutputDtype::U8, Layout::Nhwc);
+        let out = run(&img, w, h, &window(5.0, 3.0, 10.0, 8.0, false), &s);
+        for y in 0..8 {
+            for x in 0..10 {
+                let (o, i) = ((y * 10 + x) * 3, ((y + 3) * 37 + x + 5) * 3);
+                assert_eq!(out[o..o + 3], img[i..i + 3], "pixel ({x}, {y})");
+            }
+        }
+    }
+
+    #[test]
+    fn flip_mirrors_columns() {
+        let (w, h) = (120, 90);
+        let img = test_image(w, h);
+        for (dtype, layout) in [(OutputDtype::U8, Layout::Nhwc), (OutputDtype::F32, Layout::Nhwc)] {
+            let s = spec(48, 40, dtype, layout);
+            let plain = run(&img, w, h, &window(10.0, 5.0, 97.0, 71.0, false), &s);
+            let flipped = run(&img, w, h, &window(10.0, 5.0, 97.0, 71.0, true), &s);
+            let px = 3 * dtype.size();
+            for y in 0..40 {
+                for x in 0..48 {
+                    let a = &plain[(y * 48 + x) * px..][..px];
+                    let b = &flipped[(y * 48 + 47 - x) * px..][..px];
+                    assert_eq!(a, b, "{dtype:?} pixel ({x}, {y})");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn nchw_and_nhwc_hold_the_same_values() {
+        let (w, h) = (200, 150);
+        let img = test_image(w, h);
+        let crop = window(13.0, 7.0, 151.0, 120.0, true);
+        for dtype in [OutputDtype::U8, OutputDtype::F16, OutputDtype::F32] {
+            let (ow, oh) = (64, 48);
+            let planar = run(&img, w, h, &crop, &spec(ow, oh, dtype, Layout::Nchw));
+            let packed = run(&img, w, h, &crop, &spec(ow, oh, dtype, Layout::Nhwc));
+            let es = dtype.size();
+            let plane = (ow * oh) as usize;
+            for i in 0..plane {
+                for c in 0..3 {
+                    let a = &planar[(c * plane + i) * es..][..es];
+                    let b = &packed[(i * 3 + c) * es..][..es];
+                    assert_eq!(a, b, "{dtype:?} pixel {i} channel {c}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn f16_f32_and_u8_agree() {
+        let (w, h) = (160, 120);
+        let img = test_image(w, h);
+        let crop = window(20.5, 10.25, 111.0, 99.5, false);
+        let levels = run(&img, w, h, &crop, &spec(56, 56, OutputDtype::U8, Layout::Nchw));
+        let full = f32s(&run(&img, w, h, &crop, &spec(56, 56, OutputDtype::F32, Layout::Nchw)));
+        let half = f16s(&run(&img, w, h, &crop, &spec(56, 56, OutputDtype::F16, Layout::Nchw)));
+        let n = Normalize::default();
+        let plane = 56 * 56;
+        for (i, ((&v, &f), &h)) in levels.iter().zip(&full).zip(&half).enumerate() {
+            let c = i / plane;
+            let want = (f32::from(v) / 255.0 - n.mean[c]) / n.std[c];
+            assert!((f - want).abs() < 1e-5, "f32 {f} vs {want}");
+            // f16 keeps 11 significant bits: |x| < 2.7 rounds to within 2^-10.
+            assert!((h - f).abs() <= 1.0 / 1024.0, "f16 {h} vs f32 {f}");
+        }
+        // No normalisation: float output is x / 255 (ToTensor).
+        let s = OutputSpec { normalize: None, ..spec(56, 56, OutputDtype::F32, Layout::Nchw) };
+        let unit = f32s(&run(&img, w, h, &crop, &s));
+        for (&v, &f) in levels.iter().zip(&unit) {
+            assert!((f - f32::from(v) / 255.0).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn upscaling_interpolates_between_pixels() {
+        // A 2-pixel ramp 0 -> 255 stretched to 8: Pillow's bilinear gives a monotone
+        // ramp with clamped ends.
+        let img = [0u8, 0, 0, 255, 255, 255];
+        let s = spec(8, 1, OutputDtype::U8, Layout::Nhwc);
+        let out = run(&img, 2, 1, &window(0.0, 0.0, 2.0, 1.0, false), &s);
+        let red: Vec<u8> = out.chunks_exact(3).map(|p| p[0]).collect();
+        assert_eq!(red, [0, 0, 32, 96, 159, 223, 255, 255]);
+        // A small crop of a real image blown up to more than its size.
+        let (w, h) = (90, 60);
+        let img = test_image(w, h);
+        let s = spec(64, 64, OutputDtype::F32, Layout::Nchw);
+        let out = f32s(&run(&img, w, h, &window(30.0, 20.0, 16.0, 12.0, true), &s));
+        assert!(out.iter().all(|v| v.is_finite() && v.abs() < 3.0));
+    }
+
+    #[test]
+    fn bad_arguments_are_errors() {
+        let (w, h) = (20, 10);
+        let img = test_image(w, h);
+        let s = spec(8, 8, OutputDtype::F32, Layout::Nchw);
+        let full = window(0.0, 0.0, 20.0, 10.0, false);
+        let mut a = Augmenter::new();
+        let mut out = vec![0u8; s.sample_bytes()];
+        let mut short = vec![0u8; s.sample_bytes() - 1];
+        assert!(matches!(
+            a.crop_resize_into(&img, w, h, &full, &s, &mut short),
+            Err(AugmentError::OutputSize { .. })
+        ));
+        assert!(matches!(
+            a.crop_resize_into(&img[1..], w, h, &full, &s, &mut out),
+            Err(AugmentError::SourceSize { .. })
+        ));
+        for crop in [
+            window(-1.0, 0.0, 10.0, 10.0, false),
+            window(15.0, 0.0, 10.0, 5.0, false),
+            window(0.0, 0.0, 0.0, 5.0, false),
+            window(0.0, 0.0, 5.0, -1.0, false),
+            window(f64::NAN, 0.0, 5.0, 5.0, false),
+            window(0.0, 0.0, f64::INFINITY, 5.0, false),
+        ] {
+            assert!(
+                matches!(a.crop_resize_into(&img, w, h, &crop, &s, &mut out), Err(AugmentError::BadCrop { .. })),
+                "{crop:?}"
+            );
+        }
+        let empty = OutputSpec { width: 0, ..s };
+        assert!(matches!(
+            a.crop_resize_into(&img, w, h, &full, &empty, &mut []),
+            Err(AugmentError::EmptyOutput { .. })
+        ));
+        let u8_norm = OutputSpec { dtype: OutputDtype::U8, ..s };
+        let mut out8 = vec![0u8; u8_norm.sample_bytes()];
+        assert!(matches!(
+            a.crop_resize_into(&img, w, h, &full, &u8_norm, &mut out8),
+            Err(AugmentError::NormalizedU8)
+        ));
+        let zero_std = OutputSpec { normalize: Some(Normalize { mean: [0.0; 3], std: [1.0, 0.0, 1.0] }), ..s };
+        assert!(matches!(
+            a.crop_resize_into(&img, w, h, &full, &zero_std, &mut out),
+            Err(AugmentError::BadNormalize(_))
+        ));
+        // The same Augmenter still works after errors, and on the empty-image edge case.
+        a.crop_resize_into(&img, w, h, &full, &s, &mut out).unwrap();
+        assert!(matches!(
+            a.crop_resize_into(&[], 0, 0, &full, &s, &mut out),
+            Err(AugmentError::BadCrop { .. })
+        ));
+    }
+
+    #[test]
+    fn float_noise_at_the_edges_is_tolerated() {
+        let (w, h) = (500, 375);
+        let img = test_image(w, h);
+        let s = spec(224, 224, OutputDtype::U8, Layout::Nhwc);
+        let exact = run(&img, w, h, &window(100.0, 0.0, 400.0, 375.0, false), &s);
+        let noisy = run(&img, w, h, &window(100.0 + 1e-9, -1e-9, 400.0 - 1e-12, 375.0 + 2e-9, false), &s);
+        assert_eq!(exact, noisy);
+    }
+
+    /// Throughput on one core: `cargo test --release -p convnets-pipeline --lib
+    /// cpu::augment::tests::throughput -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "timing; run in release mode"]
+    fn throughput() {
+        use crate::plan::RandomResizedCrop;
+        let (w, h) = (500, 375);
+        let img = test_image(w, h);
+        let rrc = RandomResizedCrop::default();
+        let crops: Vec<CropWindow> = (0..256).map(|seed| rrc.plan(w, h, seed)).collect();
+        let whole = [window(0.0, 0.0, 500.0, 375.0, false)];
+        let mut a = Augmenter::new();
+        for (name, dtype, layout) in [
+            ("f16 NCHW", OutputDtype::F16, Layout::Nchw),
+            ("u8 NHWC", OutputDtype::U8, Layout::Nhwc),
+            ("f32 NCHW", OutputDtype::F32, Layout::Nchw),
+        ] {
+            let s = spec(224, 224, dtype, layout);
+            let mut out = vec![0u8; s.sample_bytes()];
+            for (what, crops) in [("rrc", &crops[..]), ("whole image", &whole[..])] {
+                let n = 4000;
+                let start = std::time::Instant::now();
+                for i in 0..n {
+                    a.crop_resize_into(&img, w, h, &crops[i % crops.len()], &s, &mut out).unwrap();
+                }
+                let secs = start.elapsed().as_secs_f64();
+                println!(
+                    "{{\"bench\": \"augment 500x375 -> 224x224 {what}\", \"output\": \"{name}\", \"samples_per_s\": {:.0}, \"us_per_sample\": {:.1}}}",
+                    n as f64 / secs,
+                    secs * 1e6 / n as f64
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn scratch_is_reused_across_sizes() {
+        let mut a = Augmenter::new();
+        let (w, h) = (300, 200);
+        let img = test_image(w, h);
+        let big = spec(224, 224, OutputDtype::F16, Layout::Nchw);
+        let small = spec(32, 16, OutputDtype::F16, Layout::Nchw);
+        let crop = window(3.0, 4.0, 250.0, 190.0, false);
+        let mut out_big = vec![0u8; big.sample_bytes()];
+        let mut out_small = vec![0u8; small.sample_bytes()];
+        a.crop_resize_into(&img, w, h, &crop, &big, &mut out_big).unwrap();
+        a.crop_resize_into(&img, w, h, &crop, &small, &mut out_small).unwrap();
+        assert_eq!(out_small, run(&img, w, h, &crop, &small));
+        a.crop_resize_into(&img, w, h, &crop, &big, &mut out_big).unwrap();
+        assert_eq!(out_big, run(&img, w, h, &crop, &big));
+    }
+}
