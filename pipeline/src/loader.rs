@@ -28,7 +28,7 @@ use crossbeam::channel::{bounded, Receiver, Sender};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use crate::cpu::augment::{Augmenter, Layout, OutputDtype, OutputSpec};
+use crate::cpu::augment::{Augmenter, Layout, OutputDtype, OutputSpec, WindowEdges};
 use crate::cpu::decode::{CpuDecoder, DecodeLimits, RgbImage};
 use crate::plan::{CenterCrop, CropWindow, RandomResizedCrop};
 use crate::sampler::{sample_seed, Sample, Sampler, SamplerConfig};
@@ -149,6 +149,8 @@ struct Job {
     index: usize,
     samples: Vec<Sample>,
     skipped: Vec<bool>,
+    /// Why each skipped sample was skipped; reported when the batch is delivered.
+    skipped_records: Vec<SkippedRecord>,
     error: Option<Error>,
 }
 
@@ -237,7 +239,8 @@ pub struct Loader {
     state: LoaderState,
     batches_per_epoch: usize,
     counters: Arc<Counters>,
-    skipped: Arc<Mutex<Vec<SkippedRecord>>>,
+    /// Records skipped in the batches delivered so far.
+    skipped: Vec<SkippedRecord>,
     worker_count: usize,
     output: OutputSpec,
 }
@@ -280,7 +283,6 @@ impl Loader {
         let (task_tx, task_rx) = bounded::<Task>(cfg.sampler.batch_size * 2);
         let (stop_tx, stop_rx) = bounded::<()>(0);
         let counters = Arc::new(Counters::default());
-        let skipped = Arc::new(Mutex::new(Vec::new()));
 
         let mut threads = Vec::with_capacity(workers + 1);
         let planner = {
@@ -298,7 +300,6 @@ impl Loader {
                 tasks: task_rx.clone(),
                 ready: ready_tx.clone(),
                 counters: counters.clone(),
-                skipped: skipped.clone(),
             };
             let handle = std::thread::Builder::new()
                 .name(format!("loader-worker-{w}"))
@@ -318,7 +319,7 @@ impl Loader {
             state,
             batches_per_epoch,
             counters,
-            skipped,
+            skipped: Vec::new(),
             worker_count: workers,
             output: cfg.output,
         })
@@ -400,9 +401,14 @@ impl Loader {
         Ok(slot)
     }
 
-    fn wrap(&self, slot: Arc<Slot>) -> Result<Batch> {
+    fn wrap(&mut self, slot: Arc<Slot>) -> Result<Batch> {
         let (epoch, index, samples, skipped, error) = {
             let mut job = lock(&slot.job);
+            if job.error.is_none() {
+                let n = job.skipped_records.len() as u64;
+                self.counters.skipped.fetch_add(n, Ordering::Relaxed);
+                self.skipped.append(&mut job.skipped_records);
+            }
             (
                 job.epoch,
                 job.index,
@@ -449,9 +455,9 @@ impl Loader {
         }
     }
 
-    /// Records skipped so far (skip policy), emptied by the call.
-    pub fn take_skipped(&self) -> Vec<SkippedRecord> {
-        std::mem::take(&mut *lock(&self.skipped))
+    /// Records skipped in the batches returned so far (skip policy), emptied by the call.
+    pub fn take_skipped(&mut self) -> Vec<SkippedRecord> {
+        std::mem::take(&mut self.skipped)
     }
 }
 
@@ -524,6 +530,7 @@ fn plan_batches(
                 job.samples.extend_from_slice(&samples);
                 job.skipped.clear();
                 job.skipped.resize(samples.len(), false);
+                job.skipped_records.clear();
                 job.error = None;
             }
             slot.remaining.store(samples.len(), Ordering::Release);
@@ -552,7 +559,6 @@ struct WorkerContext {
     tasks: Receiver<Task>,
     ready: Sender<Arc<Slot>>,
     counters: Arc<Counters>,
-    skipped: Arc<Mutex<Vec<SkippedRecord>>>,
 }
 
 /// A worker's reusable scratch.
@@ -570,7 +576,10 @@ impl WorkerContext {
         let mut scratch = match decoder {
             Ok(decoder) => Scratch {
                 decoder,
-                augmenter: Augmenter::new(),
+                augmenter: match self.cfg.transform {
+                    Transform::Train(_) => Augmenter::with_edges(WindowEdges::Crop),
+                    Transform::Eval(_) => Augmenter::with_edges(WindowEdges::Image),
+                },
                 image: RgbImage {
                     width: 0,
                     height: 0,
@@ -610,10 +619,21 @@ impl WorkerContext {
         };
         let crop = self.plan(width, height, task.epoch, task.sample.index);
         let out = &self.cfg.output;
-        let window = s
-            .decoder
-            .decode_for_crop(&record.data, &crop, out.width, out.height, &mut s.image)
-            .map_err(|e| self.record_error(index, e))?;
+        let window = match self.cfg.transform {
+            // Train: decode only the crop, DCT-scaled where the output allows.
+            Transform::Train(_) => s
+                .decoder
+                .decode_for_crop(&record.data, &crop, out.width, out.height, &mut s.image)
+                .map_err(|e| self.record_error(index, e))?,
+            // Eval: torchvision resizes the whole image before cropping, so the filter reads
+            // past the window's edges; decode everything at full scale to match it.
+            Transform::Eval(_) => {
+                s.decoder
+                    .decode_full(&record.data, &mut s.image)
+                    .map_err(|e| self.record_error(index, e))?;
+                crop
+            }
+        };
         let t2 = Instant::now();
         let slot = &task.slot;
         // SAFETY: each task owns sample `pos` of its slot, a disjoint range of the slot's
@@ -667,12 +687,11 @@ impl WorkerContext {
                 }
                 BadRecordPolicy::Skip => {
                     job.skipped[pos] = true;
-                    self.counters.skipped.fetch_add(1, Ordering::Relaxed);
                     let (shard, record) = match &e {
                         Error::Record { path, record, .. } => (path.clone(), *record),
                         _ => (PathBuf::new(), u64::from(job.samples[pos].index)),
                     };
-                    lock(&self.skipped).push(SkippedRecord {
+                    job.skipped_records.push(SkippedRecord {
                         epoch,
                         shard,
                         record,

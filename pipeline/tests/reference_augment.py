@@ -61,9 +61,10 @@ def main():
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(0)
 
-    # Landscape, portrait, larger, smaller than the output, and taller than twice its
-    # width (Pillow >= 13 resizes that vertically first in the eval transform).
-    sizes = [(500, 375), (375, 500), (640, 427), (200, 150), (300, 700)]
+    # Landscape, portrait, larger, smaller than the output, taller than twice its width
+    # (Pillow >= 13 resizes that vertically first in the eval transform), and large
+    # enough for filters wider than 8 taps.
+    sizes = [(500, 375), (375, 500), (640, 427), (200, 150), (300, 700), (1600, 1200)]
     images, cases = [], []
     for idx, (w, h) in enumerate(sizes):
         arr = make_image(w, h, seed=idx)

@@ -2,21 +2,32 @@
 //! normalise + cast + layout, in one horizontal and one vertical pass, written straight
 //! into one sample's slot of a batch buffer.
 //!
-//! The resampling reproduces Pillow's `Image.resize(size, Image.BILINEAR)` (what
-//! torchvision's `RandomResizedCrop` and `Resize` run on PIL images) bit for bit: the
-//! same triangle filter widened by the downscale factor, the same centre convention
-//! (`center = box0 + (i + 0.5) * scale`), the same 22-bit fixed-point coefficients and the
-//! same rounding of the horizontal pass to `u8` before the vertical one (Pillow's
-//! `libImaging/Resample.c`). The crop window is treated as the image being resized, as
-//! torchvision crops before it resizes: the filter never reads a pixel outside the
-//! window's pixel span `floor(x)..ceil(x + width)`. For an integer window (every
-//! [`RandomResizedCrop`](crate::plan::RandomResizedCrop) window) the `u8` result equals
-//! `F.resized_crop(img, y, x, h, w, size, BILINEAR)` exactly; the `f32` result equals
-//! `ToTensor` + `Normalize` on it to within float rounding.
+//! The resampling is Pillow's `BILINEAR` resize (what torchvision's `RandomResizedCrop`,
+//! `Resize` and `F.resized_crop` run on PIL images), reproduced bit for bit from
+//! `libImaging/Resample.c`: the triangle filter widened by the downscale factor, the
+//! centre convention `center = box0 + (i + 0.5) * scale`, normalised coefficients in
+//! 22-bit fixed point, each pass rounded to `u8`, and Pillow 13's choice of which pass
+//! runs first (vertical first when it removes more than twice as many rows as the
+//! horizontal pass removes columns; earlier Pillows always go horizontal first, which
+//! changes at most one level in a few pixels). The flip reverses the horizontal filter
+//! table, so it costs nothing and equals flipping afterwards.
+//!
+//! At the window's edges the filter either stops ([`WindowEdges::Crop`], the default:
+//! crop, then resize, as torchvision's training transforms do) or reads on into the
+//! image ([`WindowEdges::Image`]: resize, then crop, as `Resize` + `CenterCrop` do, for
+//! [`CenterCrop`](crate::plan::CenterCrop) windows). With the matching choice the `u8`
+//! output equals torchvision's exactly for both, and the normalised float output equals
+//! `ToTensor` + `Normalize` on it up to float rounding (one multiply-add per value);
+//! `tests/augment_vs_torchvision.rs` checks this against the real thing.
+//!
+//! The horizontal pass has an AVX2 kernel, picked at run time; elsewhere portable
+//! kernels written for the compiler to vectorise compute the same sums.
 //!
 //! ```
-//! use convnets_pipeline::cpu::augment::{Augmenter, Layout, Normalize, OutputDtype, OutputSpec};
-//! use convnets_pipeline::plan::CropWindow;
+//! use convnets_pipeline::cpu::augment::{
+//!     Augmenter, Layout, Normalize, OutputDtype, OutputSpec, WindowEdges,
+//! };
+//! use convnets_pipeline::plan::{CenterCrop, CropWindow};
 //!
 //! let (w, h) = (64u32, 48u32);
 //! let image = vec![128u8; (w * h * 3) as usize];
@@ -32,6 +43,10 @@
 //! Augmenter::new().crop_resize_into(&image, w, h, &crop, &spec, &mut out)?;
 //! let first = f32::from_ne_bytes(out[..4].try_into().unwrap());
 //! assert!((first - (128.0 / 255.0 - 0.485) / 0.229).abs() < 1e-5);
+//!
+//! // Evaluation (Resize + CenterCrop): the filter reads past the window's edges.
+//! let mut eval = Augmenter::with_edges(WindowEdges::Image);
+//! eval.crop_resize_into(&image, w, h, &CenterCrop::default().plan(w, h), &spec, &mut out)?;
 //! # Ok::<(), convnets_pipeline::cpu::augment::AugmentError>(())
 //! ```
 
@@ -135,8 +150,7 @@ impl OutputSpec {
             if self.dtype == OutputDtype::U8 {
                 return Err(AugmentError::NormalizedU8);
             }
-            let ok = n.mean.iter().all(|m| m.is_finite())
-                && n.std.iter().all(|s| s.is_finite() && *s != 0.0);
+            let ok = n.mean.iter().all(|m| m.is_finite()) && n.std.iter().all(|s| s.is_normal());
             if !ok {
                 return Err(AugmentError::BadNormalize(*n));
             }
@@ -148,7 +162,9 @@ impl OutputSpec {
 /// Why a sample could not be produced. Every argument is checked before any work.
 #[derive(Debug, thiserror::Error)]
 pub enum AugmentError {
-    #[error("source image is {width}x{height} RGB ({expected} bytes) but the slice has {got} bytes")]
+    #[error(
+        "source image is {width}x{height} RGB ({expected} bytes) but the slice has {got} bytes"
+    )]
     SourceSize {
         width: u32,
         height: u32,
@@ -167,7 +183,9 @@ pub enum AugmentError {
     },
     #[error("U8 output cannot hold normalised values; use F16/F32 or `normalize: None`")]
     NormalizedU8,
-    #[error("normalisation {0:?} has a non-finite mean or a zero or non-finite std")]
+    #[error(
+        "normalisation {0:?} has a non-finite mean, or a std that is zero, subnormal or not finite"
+    )]
     BadNormalize(Normalize),
 }
 
@@ -186,6 +204,23 @@ const HALF: i32 = 1 << (PRECISION_BITS - 1);
 /// taken as lying on it (float noise in planned windows).
 const EDGE_SLACK: f64 = 1e-6;
 
+/// What the resampling filter does at the crop window's edges. The two match the two
+/// ways torchvision combines a crop with a resize; they differ only in output pixels
+/// whose filter reaches across the window's edge.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WindowEdges {
+    /// The filter stops at the window (its pixel span, for fractional edges), as if the
+    /// window had been cropped out first and then resized: torchvision's
+    /// `RandomResizedCrop` / `F.resized_crop`. For the training path.
+    #[default]
+    Crop,
+    /// The filter reads on into the rest of the image, as if the whole image had been
+    /// resized and the window cut from the result: torchvision's `Resize` +
+    /// `CenterCrop`, i.e. windows from [`CenterCrop::plan`](crate::plan::CenterCrop::plan),
+    /// and Pillow's `resize(size, box=window)`. For the evaluation path.
+    Image,
+}
+
 /// One axis of a crop: the source pixels `lo..hi` the filter may read, and the window
 /// `in0..in1` in coordinates relative to `lo` (Pillow's `box`).
 #[derive(Clone, Copy, Debug)]
@@ -198,13 +233,7 @@ struct Span {
 
 impl Span {
     /// `None` if the window `start..start + len` is empty, not finite or outside `0..size`.
-    ///
-    /// An edge on a pixel boundary cuts the image there, as torchvision's crop-then-resize
-    /// does (every RandomResizedCrop window). An edge inside a pixel lets the filter read
-    /// on to the image border, as resize-then-crop does: such windows come from
-    /// [`CenterCrop`](crate::plan::CenterCrop), whose torchvision original resizes the
-    /// whole image before cropping.
-    fn new(start: f64, len: f64, size: u32) -> Option<Span> {
+    fn new(start: f64, len: f64, size: u32, edges: WindowEdges) -> Option<Span> {
         let size = f64::from(size);
         let end = start + len;
         if !(start.is_finite() && len.is_finite() && len > 0.0)
@@ -217,8 +246,11 @@ impl Span {
         if end <= start {
             return None;
         }
-        let lo = if start.fract() == 0.0 { start } else { 0.0 };
-        let hi = if end.fract() == 0.0 { end } else { size };
+        let (lo, hi) = match edges {
+            // The pixels the window covers, whole.
+            WindowEdges::Crop => (start.floor(), end.ceil()),
+            WindowEdges::Image => (0.0, size),
+        };
         Some(Span {
             lo: lo as usize,
             hi: hi as usize,
@@ -241,6 +273,9 @@ struct FilterTable {
     starts: Vec<u32>,
     coeffs: Vec<i32>,
     width: usize,
+    /// `coeffs` again with each output's taps zero-padded to a multiple of 4 (the AVX2
+    /// horizontal kernel takes them 4 at a time).
+    coeffs4: Vec<i32>,
     /// Pillow's coefficients before padding: `ksize` per output, and `(start, len)`.
     raw: Vec<i32>,
     raw_taps: Vec<(usize, usize)>,
@@ -285,7 +320,11 @@ impl FilterTable {
             for (x, &w) in self.weights[..n].iter().enumerate() {
                 let w = if ww != 0.0 { w / ww } else { w };
                 let scaled = w * f64::from(1u32 << PRECISION_BITS);
-                let fixed = if w < 0.0 { (scaled - 0.5) as i32 } else { (scaled + 0.5) as i32 };
+                let fixed = if w < 0.0 {
+                    (scaled - 0.5) as i32
+                } else {
+                    (scaled + 0.5) as i32
+                };
                 if fixed != 0 {
                     first = first.min(x);
                     last = x;
@@ -313,6 +352,16 @@ impl FilterTable {
             let front = start - padded;
             self.coeffs[i * width + front..][..len].copy_from_slice(&self.raw[i * ksize..][..len]);
             self.starts.push((span.lo + padded) as u32);
+        }
+        let width4 = width.next_multiple_of(4);
+        self.coeffs4.clear();
+        self.coeffs4.resize(out_size * width4, 0);
+        for (dst, src) in self
+            .coeffs4
+            .chunks_exact_mut(width4)
+            .zip(self.coeffs.chunks_exact(width))
+        {
+            dst[..width].copy_from_slice(src);
         }
     }
 
@@ -343,19 +392,32 @@ fn clip8(acc: i32) -> u8 {
 /// buffers only grow, so steady state allocates nothing.
 #[derive(Debug, Default)]
 pub struct Augmenter {
+    edges: WindowEdges,
     horizontal: FilterTable,
     vertical: FilterTable,
     /// Output of the first pass, `u8` RGB interleaved: the rows the vertical filter reads
     /// (horizontal pass first) or one row (vertical pass first).
     intermediate: Vec<u8>,
-    /// The image's last row plus one spare byte, when the horizontal kernel reads to its end.
+    /// A row near the end of the image, copied with [`SPARE`] bytes after it.
     last_row: Vec<u8>,
     output: RowOutput,
+    /// Skip the AVX2 kernels even where the CPU has them (to test the portable ones).
+    portable_only: bool,
 }
 
 impl Augmenter {
+    /// An augmenter for training windows ([`WindowEdges::Crop`]).
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An augmenter whose filter treats window edges as `edges` says: use
+    /// [`WindowEdges::Image`] for [`CenterCrop`](crate::plan::CenterCrop) windows.
+    pub fn with_edges(edges: WindowEdges) -> Self {
+        Self {
+            edges,
+            ..Self::default()
+        }
     }
 
     /// `src`: RGB u8 HWC, `src_w x src_h`. Writes one sample into `out` (exactly
@@ -396,8 +458,8 @@ impl Augmenter {
             width: src_w,
             height: src_h,
         };
-        let x = Span::new(crop.x, crop.width, src_w).ok_or_else(bad_crop)?;
-        let y = Span::new(crop.y, crop.height, src_h).ok_or_else(bad_crop)?;
+        let x = Span::new(crop.x, crop.width, src_w, self.edges).ok_or_else(bad_crop)?;
+        let y = Span::new(crop.y, crop.height, src_h, self.edges).ok_or_else(bad_crop)?;
 
         let (out_w, out_h) = (spec.width as usize, spec.height as usize);
         self.horizontal.build(x, out_w, crop.flip);
@@ -461,79 +523,133 @@ impl RowOutput {
     #[inline(always)]
     fn emit(&mut self, yy: usize, spec: &OutputSpec, out: &mut [u8]) {
         let out_w = spec.width as usize;
-        let (row_len, plane) = (out_w * 3, out_w * spec.height as usize);
-        let es = spec.dtype.size();
+        let row_len = out_w * 3;
+        let plane_bytes = out_w * spec.height as usize * spec.dtype.size();
         if spec.dtype == OutputDtype::U8 {
             match spec.layout {
                 Layout::Nhwc => out[yy * row_len..][..row_len].copy_from_slice(&self.row_u8),
                 Layout::Nchw => {
-                    for c in 0..3 {
-                        let dst = &mut out[c * plane + yy * out_w..][..out_w];
-                        for (d, px) in dst.iter_mut().zip(self.row_u8.chunks_exact(3)) {
-                            *d = px[c];
-                        }
+                    let [r, g, b] = plane_rows(out, plane_bytes, yy * out_w, out_w);
+                    for (((px, r), g), b) in self.row_u8.chunks_exact(3).zip(r).zip(g).zip(b) {
+                        (*r, *g, *b) = (px[0], px[1], px[2]);
                     }
                 }
             }
             return;
         }
-        for (((f, &v), &s), &o) in self.row_f32.iter_mut().zip(&self.row_u8).zip(&self.scale).zip(&self.offset) {
-            *f = f32::from(v) * s + o;
-        }
-        if spec.dtype == OutputDtype::F16 {
-            self.row_f16.convert_from_f32_slice(&self.row_f32);
-        }
+
+        // Normalise into `row_f32`, already in output order (RGB interleaved, or R then
+        // G then B for a planar layout).
+        let values = &mut self.row_f32[..row_len];
         match spec.layout {
             Layout::Nhwc => {
-                let dst = &mut out[yy * row_len * es..][..row_len * es];
-                self.write(dst, spec.dtype, 0, 1);
+                for (((f, &v), &s), &o) in values
+                    .iter_mut()
+                    .zip(&self.row_u8)
+                    .zip(&self.scale)
+                    .zip(&self.offset)
+                {
+                    *f = f32::from(v) * s + o;
+                }
             }
             Layout::Nchw => {
-                for c in 0..3 {
-                    let dst = &mut out[(c * plane + yy * out_w) * es..][..out_w * es];
-                    self.write(dst, spec.dtype, c, 3);
+                let (s, o) = (&self.scale[..3], &self.offset[..3]);
+                let (r, gb) = values.split_at_mut(out_w);
+                let (g, b) = gb.split_at_mut(out_w);
+                for (((px, r), g), b) in self.row_u8.chunks_exact(3).zip(r).zip(g).zip(b) {
+                    *r = f32::from(px[0]) * s[0] + o[0];
+                    *g = f32::from(px[1]) * s[1] + o[1];
+                    *b = f32::from(px[2]) * s[2] + o[2];
+                }
+            }
+        }
+        let bytes: &[u8] = if spec.dtype == OutputDtype::F16 {
+            let halves = &mut self.row_f16[..row_len];
+            halves.convert_from_f32_slice(values);
+            f16_bytes(halves)
+        } else {
+            f32_bytes(values)
+        };
+        match spec.layout {
+            Layout::Nhwc => out[yy * bytes.len()..][..bytes.len()].copy_from_slice(bytes),
+            Layout::Nchw => {
+                let es = spec.dtype.size();
+                let rows = plane_rows(out, plane_bytes, yy * out_w * es, out_w * es);
+                for (dst, src) in rows.into_iter().zip(bytes.chunks_exact(out_w * es)) {
+                    dst.copy_from_slice(src);
                 }
             }
         }
     }
+}
 
-    /// Writes every `step`-th float of the row from `first` into `dst` as native-endian
-    /// bytes of `dtype` (F16 or F32).
-    #[inline(always)]
-    fn write(&self, dst: &mut [u8], dtype: OutputDtype, first: usize, step: usize) {
-        if dtype == OutputDtype::F32 {
-            for (d, v) in dst.chunks_exact_mut(4).zip(self.row_f32[first..].iter().step_by(step)) {
-                d.copy_from_slice(&v.to_ne_bytes());
-            }
-        } else {
-            for (d, v) in dst.chunks_exact_mut(2).zip(self.row_f16[first..].iter().step_by(step)) {
-                d.copy_from_slice(&v.to_ne_bytes());
-            }
-        }
-    }
+/// The `len` bytes at `offset` in each of the three channel planes of `out`.
+#[inline(always)]
+fn plane_rows(out: &mut [u8], plane_bytes: usize, offset: usize, len: usize) -> [&mut [u8]; 3] {
+    let (r, gb) = out.split_at_mut(plane_bytes);
+    let (g, b) = gb.split_at_mut(plane_bytes);
+    [r, g, b].map(|plane| &mut plane[offset..][..len])
+}
+
+/// The native-endian bytes of `values`.
+fn f32_bytes(values: &[f32]) -> &[u8] {
+    // SAFETY: `u8` has no alignment or validity requirement, and the byte length is that
+    // of the `f32` slice, borrowed for the same lifetime.
+    unsafe { std::slice::from_raw_parts(values.as_ptr().cast(), std::mem::size_of_val(values)) }
+}
+
+/// The native-endian bytes of `values`.
+fn f16_bytes(values: &[f16]) -> &[u8] {
+    // SAFETY: as for `f32_bytes`; `f16` is a plain 16-bit value.
+    unsafe { std::slice::from_raw_parts(values.as_ptr().cast(), std::mem::size_of_val(values)) }
 }
 
 /// Runs the passes with the widest vector unit this CPU has; the kernels are written so
 /// the compiler vectorises them, and AVX2 doubles the lanes and adds a 32-bit multiply.
-fn dispatch(a: &mut Augmenter, src: &[u8], src_w: usize, spec: &OutputSpec, vertical_first: bool, out: &mut [u8]) {
+fn dispatch(
+    a: &mut Augmenter,
+    src: &[u8],
+    src_w: usize,
+    spec: &OutputSpec,
+    vertical_first: bool,
+    out: &mut [u8],
+) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
+    if !a.portable_only && std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2, checked just above.
         unsafe { resample_avx2(a, src, src_w, spec, vertical_first, out) };
         return;
     }
-    resample(a, src, src_w, spec, vertical_first, out);
+    resample::<false>(a, src, src_w, spec, vertical_first, out);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn resample_avx2(a: &mut Augmenter, src: &[u8], src_w: usize, spec: &OutputSpec, vertical_first: bool, out: &mut [u8]) {
-    resample(a, src, src_w, spec, vertical_first, out);
+fn resample_avx2(
+    a: &mut Augmenter,
+    src: &[u8],
+    src_w: usize,
+    spec: &OutputSpec,
+    vertical_first: bool,
+    out: &mut [u8],
+) {
+    resample::<true>(a, src, src_w, spec, vertical_first, out);
 }
 
-/// Both passes and the output stage, in Pillow's order.
+/// Bytes after the last pixel a horizontal kernel reads that it may load (and ignore).
+const SPARE: usize = 16;
+
+/// Both passes and the output stage, in Pillow's order. `AVX2`: the CPU has it (only
+/// [`resample_avx2`] passes `true`).
 #[inline(always)]
-fn resample(a: &mut Augmenter, src: &[u8], src_w: usize, spec: &OutputSpec, vertical_first: bool, out: &mut [u8]) {
+fn resample<const AVX2: bool>(
+    a: &mut Augmenter,
+    src: &[u8],
+    src_w: usize,
+    spec: &OutputSpec,
+    vertical_first: bool,
+    out: &mut [u8],
+) {
     let (out_w, out_h) = (spec.width as usize, spec.height as usize);
     let (stride, row_len) = (src_w * 3, out_w * 3);
     let (v, h) = (&a.vertical, &a.horizontal);
@@ -542,13 +658,19 @@ fn resample(a: &mut Augmenter, src: &[u8], src_w: usize, spec: &OutputSpec, vert
         // then straight through the horizontal pass into the output stage.
         let (c0, c1) = h.extent();
         let cols = c0 * 3..c1 * 3;
-        // One spare byte: the horizontal kernel loads 4 bytes per RGB pixel.
-        a.intermediate.resize(cols.len() + 1, 0);
+        a.intermediate.resize(cols.len() + SPARE, 0);
         for yy in 0..out_h {
             let first = v.starts[yy] as usize;
             let coeffs = &v.coeffs[yy * v.width..][..v.width];
-            filter_vertical(src, stride, cols.clone(), first, coeffs, &mut a.intermediate);
-            filter_horizontal(&a.intermediate, c0, h, &mut a.output.row_u8);
+            filter_vertical(
+                src,
+                stride,
+                cols.clone(),
+                first,
+                coeffs,
+                &mut a.intermediate,
+            );
+            filter_horizontal::<AVX2>(&a.intermediate, c0, h, &mut a.output.row_u8);
             a.output.emit(yy, spec, out);
         }
     } else {
@@ -559,30 +681,48 @@ fn resample(a: &mut Augmenter, src: &[u8], src_w: usize, spec: &OutputSpec, vert
         a.intermediate.resize((r1 - r0) * row_len, 0);
         for (r, dst) in a.intermediate.chunks_exact_mut(row_len).enumerate() {
             let row = &src[(r0 + r) * stride..];
-            if row.len() > c1 * 3 {
-                filter_horizontal(row, 0, h, dst);
+            if row.len() >= c1 * 3 + SPARE {
+                filter_horizontal::<AVX2>(row, 0, h, dst);
             } else {
-                // The image's last row, read up to its last pixel: no spare byte after it.
+                // The image's last row(s), read too close to the end of `src`.
                 a.last_row.clear();
-                a.last_row.extend_from_slice(row);
-                a.last_row.push(0);
-                filter_horizontal(&a.last_row, 0, h, dst);
+                a.last_row.extend_from_slice(&row[..c1 * 3]);
+                a.last_row.resize(c1 * 3 + SPARE, 0);
+                filter_horizontal::<AVX2>(&a.last_row, 0, h, dst);
             }
         }
         for yy in 0..out_h {
             let first = v.starts[yy] as usize - r0;
             let coeffs = &v.coeffs[yy * v.width..][..v.width];
-            filter_vertical(&a.intermediate, row_len, 0..row_len, first, coeffs, &mut a.output.row_u8);
+            filter_vertical(
+                &a.intermediate,
+                row_len,
+                0..row_len,
+                first,
+                coeffs,
+                &mut a.output.row_u8,
+            );
             a.output.emit(yy, spec, out);
         }
     }
 }
 
 /// Pillow's `ImagingResampleHorizontal_8bpc` for one row: `src` holds RGB pixels from
-/// column `col0` on, and at least one byte after the last pixel read; `dst` gets one RGB
+/// column `col0` on, and [`SPARE`] bytes after the last pixel read; `dst` gets one RGB
 /// pixel per output of `table`.
 #[inline(always)]
-fn filter_horizontal(src: &[u8], col0: usize, table: &FilterTable, dst: &mut [u8]) {
+fn filter_horizontal<const AVX2: bool>(
+    src: &[u8],
+    col0: usize,
+    table: &FilterTable,
+    dst: &mut [u8],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if AVX2 {
+        // SAFETY: `AVX2` is true only in `resample_avx2`, called once AVX2 was detected.
+        unsafe { avx2::horizontal(src, col0, table, dst) };
+        return;
+    }
     match table.width {
         1 => horizontal_fixed::<1>(src, col0, table, dst),
         2 => horizontal_fixed::<2>(src, col0, table, dst),
@@ -600,7 +740,11 @@ fn filter_horizontal(src: &[u8], col0: usize, table: &FilterTable, dst: &mut [u8
 /// the three channels plus one ignored lane form one 4-lane vector operation.
 #[inline(always)]
 fn horizontal_fixed<const K: usize>(src: &[u8], col0: usize, table: &FilterTable, dst: &mut [u8]) {
-    for ((px, &start), k) in dst.chunks_exact_mut(3).zip(&table.starts).zip(table.coeffs.chunks_exact(K)) {
+    for ((px, &start), k) in dst
+        .chunks_exact_mut(3)
+        .zip(&table.starts)
+        .zip(table.coeffs.chunks_exact(K))
+    {
         let off = (start as usize - col0) * 3;
         let s = &src[off..off + 3 * K + 1];
         let mut acc = [HALF; 4];
@@ -633,11 +777,77 @@ fn horizontal_any(src: &[u8], col0: usize, table: &FilterTable, dst: &mut [u8]) 
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{FilterTable, HALF, PRECISION_BITS};
+
+    /// [`super::horizontal_fixed`] with explicit vectors: a 16-byte load holds 4 RGB
+    /// pixels, two byte shuffles spread them to 4 `i32` lanes each (RGB + the next
+    /// pixel's R, ignored), and each 256-bit multiply-add applies two taps. Exact 32-bit
+    /// arithmetic, the same sums as Pillow's.
+    #[target_feature(enable = "avx2")]
+    pub(super) fn horizontal(src: &[u8], col0: usize, table: &FilterTable, dst: &mut [u8]) {
+        const NONE: i8 = -1;
+        let taps01 = _mm_setr_epi8(
+            0, 1, 2, 3, 3, 4, 5, 6, NONE, NONE, NONE, NONE, NONE, NONE, NONE, NONE,
+        );
+        let taps23 = _mm_setr_epi8(
+            6, 7, 8, 9, 9, 10, 11, 12, NONE, NONE, NONE, NONE, NONE, NONE, NONE, NONE,
+        );
+        let lanes01 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+        let lanes23 = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
+        let half = _mm_set1_epi32(HALF);
+        let width4 = table.width.next_multiple_of(4);
+        for ((px, &start), k) in dst
+            .chunks_exact_mut(3)
+            .zip(&table.starts)
+            .zip(table.coeffs4.chunks_exact(width4))
+        {
+            let s = &src[(start as usize - col0) * 3..][..width4 * 3 + 4];
+            let mut acc = _mm256_setzero_si256();
+            for (pixels, k) in s.chunks(12).zip(k.chunks_exact(4)) {
+                // SAFETY: `s` ends 4 bytes past the last 12-byte group, and its slice
+                // bounds are checked; unaligned loads are allowed.
+                let v = unsafe { _mm_loadu_si128(pixels.as_ptr().cast()) };
+                let k = unsafe { _mm_loadu_si128(k.as_ptr().cast()) };
+                let k = _mm256_castsi128_si256(k);
+                let p01 = _mm256_cvtepu8_epi32(_mm_shuffle_epi8(v, taps01));
+                let p23 = _mm256_cvtepu8_epi32(_mm_shuffle_epi8(v, taps23));
+                acc = _mm256_add_epi32(
+                    acc,
+                    _mm256_mullo_epi32(p01, _mm256_permutevar8x32_epi32(k, lanes01)),
+                );
+                acc = _mm256_add_epi32(
+                    acc,
+                    _mm256_mullo_epi32(p23, _mm256_permutevar8x32_epi32(k, lanes23)),
+                );
+            }
+            let sum = _mm_add_epi32(
+                _mm256_castsi256_si128(acc),
+                _mm256_extracti128_si256::<1>(acc),
+            );
+            let sum = _mm_srai_epi32::<{ PRECISION_BITS as i32 }>(_mm_add_epi32(sum, half));
+            // Saturating packs clamp to 0..=255 exactly as `clip8` does.
+            let bytes = _mm_packus_epi16(_mm_packs_epi32(sum, sum), sum);
+            px.copy_from_slice(&_mm_cvtsi128_si32(bytes).to_le_bytes()[..3]);
+        }
+    }
+}
+
 /// Pillow's `ImagingResampleVertical_8bpc` for one output row: the bytes `cols` of rows
 /// `first..first + coeffs.len()` of `src` (rows `stride` bytes apart), weighted and
 /// summed into `dst`.
 #[inline(always)]
-fn filter_vertical(src: &[u8], stride: usize, cols: std::ops::Range<usize>, first: usize, coeffs: &[i32], dst: &mut [u8]) {
+fn filter_vertical(
+    src: &[u8],
+    stride: usize,
+    cols: std::ops::Range<usize>,
+    first: usize,
+    coeffs: &[i32],
+    dst: &mut [u8],
+) {
     let rows = &src[first * stride + cols.start..];
     let dst = &mut dst[..cols.len()];
     match coeffs.len() {
@@ -695,11 +905,23 @@ mod tests {
 
     fn spec(width: u32, height: u32, dtype: OutputDtype, layout: Layout) -> OutputSpec {
         let normalize = (dtype != OutputDtype::U8).then(Normalize::default);
-        OutputSpec { width, height, dtype, layout, normalize }
+        OutputSpec {
+            width,
+            height,
+            dtype,
+            layout,
+            normalize,
+        }
     }
 
     fn window(x: f64, y: f64, width: f64, height: f64, flip: bool) -> CropWindow {
-        CropWindow { x, y, width, height, flip }
+        CropWindow {
+            x,
+            y,
+            width,
+            height,
+            flip,
+        }
     }
 
     /// A deterministic image with edges, gradients and noise.
@@ -709,9 +931,15 @@ mod tests {
         for y in 0..h {
             for x in 0..w {
                 for c in 0..3u32 {
-                    state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
                     let noise = (state >> 59) as u32;
-                    let base = if (x / 7 + y / 5 + c) % 2 == 0 { 40 } else { 200 };
+                    let base = if (x / 7 + y / 5 + c) % 2 == 0 {
+                        40
+                    } else {
+                        200
+                    };
                     out.push(((base + x * (c + 1) / 3 + noise) % 256) as u8);
                 }
             }
@@ -721,16 +949,24 @@ mod tests {
 
     fn run(img: &[u8], w: u32, h: u32, crop: &CropWindow, spec: &OutputSpec) -> Vec<u8> {
         let mut out = vec![0u8; spec.sample_bytes()];
-        Augmenter::new().crop_resize_into(img, w, h, crop, spec, &mut out).unwrap();
+        Augmenter::new()
+            .crop_resize_into(img, w, h, crop, spec, &mut out)
+            .unwrap();
         out
     }
 
     fn f32s(bytes: &[u8]) -> Vec<f32> {
-        bytes.chunks_exact(4).map(|b| f32::from_ne_bytes(b.try_into().unwrap())).collect()
+        bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_ne_bytes(b.try_into().unwrap()))
+            .collect()
     }
 
     fn f16s(bytes: &[u8]) -> Vec<f32> {
-        bytes.chunks_exact(2).map(|b| f16::from_ne_bytes(b.try_into().unwrap()).to_f32()).collect()
+        bytes
+            .chunks_exact(2)
+            .map(|b| f16::from_ne_bytes(b.try_into().unwrap()).to_f32())
+            .collect()
     }
 
     #[test]
@@ -738,7 +974,10 @@ mod tests {
         let (w, h) = (37, 23);
         let img = test_image(w, h);
         let s = spec(w, h, OutputDtype::U8, Layout::Nhwc);
-        assert_eq!(run(&img, w, h, &window(0.0, 0.0, 37.0, 23.0, false), &s), img);
+        assert_eq!(
+            run(&img, w, h, &window(0.0, 0.0, 37.0, 23.0, false), &s),
+            img
+        );
         // An integer sub-window at its own size is a plain crop.
         let s = spec(10, 8, OutputDtype::U8, Layout::Nhwc);
         let out = run(&img, w, h, &window(5.0, 3.0, 10.0, 8.0, false), &s);
@@ -754,7 +993,10 @@ mod tests {
     fn flip_mirrors_columns() {
         let (w, h) = (120, 90);
         let img = test_image(w, h);
-        for (dtype, layout) in [(OutputDtype::U8, Layout::Nhwc), (OutputDtype::F32, Layout::Nhwc)] {
+        for (dtype, layout) in [
+            (OutputDtype::U8, Layout::Nhwc),
+            (OutputDtype::F32, Layout::Nhwc),
+        ] {
             let s = spec(48, 40, dtype, layout);
             let plain = run(&img, w, h, &window(10.0, 5.0, 97.0, 71.0, false), &s);
             let flipped = run(&img, w, h, &window(10.0, 5.0, 97.0, 71.0, true), &s);
@@ -795,9 +1037,27 @@ mod tests {
         let (w, h) = (160, 120);
         let img = test_image(w, h);
         let crop = window(20.5, 10.25, 111.0, 99.5, false);
-        let levels = run(&img, w, h, &crop, &spec(56, 56, OutputDtype::U8, Layout::Nchw));
-        let full = f32s(&run(&img, w, h, &crop, &spec(56, 56, OutputDtype::F32, Layout::Nchw)));
-        let half = f16s(&run(&img, w, h, &crop, &spec(56, 56, OutputDtype::F16, Layout::Nchw)));
+        let levels = run(
+            &img,
+            w,
+            h,
+            &crop,
+            &spec(56, 56, OutputDtype::U8, Layout::Nchw),
+        );
+        let full = f32s(&run(
+            &img,
+            w,
+            h,
+            &crop,
+            &spec(56, 56, OutputDtype::F32, Layout::Nchw),
+        ));
+        let half = f16s(&run(
+            &img,
+            w,
+            h,
+            &crop,
+            &spec(56, 56, OutputDtype::F16, Layout::Nchw),
+        ));
         let n = Normalize::default();
         let plane = 56 * 56;
         for (i, ((&v, &f), &h)) in levels.iter().zip(&full).zip(&half).enumerate() {
@@ -808,7 +1068,10 @@ mod tests {
             assert!((h - f).abs() <= 1.0 / 1024.0, "f16 {h} vs f32 {f}");
         }
         // No normalisation: float output is x / 255 (ToTensor).
-        let s = OutputSpec { normalize: None, ..spec(56, 56, OutputDtype::F32, Layout::Nchw) };
+        let s = OutputSpec {
+            normalize: None,
+            ..spec(56, 56, OutputDtype::F32, Layout::Nchw)
+        };
         let unit = f32s(&run(&img, w, h, &crop, &s));
         for (&v, &f) in levels.iter().zip(&unit) {
             assert!((f - f32::from(v) / 255.0).abs() < 1e-6);
@@ -858,7 +1121,10 @@ mod tests {
             window(0.0, 0.0, f64::INFINITY, 5.0, false),
         ] {
             assert!(
-                matches!(a.crop_resize_into(&img, w, h, &crop, &s, &mut out), Err(AugmentError::BadCrop { .. })),
+                matches!(
+                    a.crop_resize_into(&img, w, h, &crop, &s, &mut out),
+                    Err(AugmentError::BadCrop { .. })
+                ),
                 "{crop:?}"
             );
         }
@@ -867,13 +1133,22 @@ mod tests {
             a.crop_resize_into(&img, w, h, &full, &empty, &mut []),
             Err(AugmentError::EmptyOutput { .. })
         ));
-        let u8_norm = OutputSpec { dtype: OutputDtype::U8, ..s };
+        let u8_norm = OutputSpec {
+            dtype: OutputDtype::U8,
+            ..s
+        };
         let mut out8 = vec![0u8; u8_norm.sample_bytes()];
         assert!(matches!(
             a.crop_resize_into(&img, w, h, &full, &u8_norm, &mut out8),
             Err(AugmentError::NormalizedU8)
         ));
-        let zero_std = OutputSpec { normalize: Some(Normalize { mean: [0.0; 3], std: [1.0, 0.0, 1.0] }), ..s };
+        let zero_std = OutputSpec {
+            normalize: Some(Normalize {
+                mean: [0.0; 3],
+                std: [1.0, 0.0, 1.0],
+            }),
+            ..s
+        };
         assert!(matches!(
             a.crop_resize_into(&img, w, h, &full, &zero_std, &mut out),
             Err(AugmentError::BadNormalize(_))
@@ -892,8 +1167,121 @@ mod tests {
         let img = test_image(w, h);
         let s = spec(224, 224, OutputDtype::U8, Layout::Nhwc);
         let exact = run(&img, w, h, &window(100.0, 0.0, 400.0, 375.0, false), &s);
-        let noisy = run(&img, w, h, &window(100.0 + 1e-9, -1e-9, 400.0 - 1e-12, 375.0 + 2e-9, false), &s);
+        let noisy = run(
+            &img,
+            w,
+            h,
+            &window(100.0 + 1e-9, -1e-9, 400.0 - 1e-12, 375.0 + 2e-9, false),
+            &s,
+        );
         assert_eq!(exact, noisy);
+    }
+
+    #[test]
+    fn window_edges_differ_only_at_the_border() {
+        let (w, h) = (160, 120);
+        let img = test_image(w, h);
+        let s = spec(40, 30, OutputDtype::U8, Layout::Nhwc);
+        let mut image_edges = Augmenter::with_edges(WindowEdges::Image);
+        let mut run_image = |crop: &CropWindow| {
+            let mut out = vec![0u8; s.sample_bytes()];
+            image_edges
+                .crop_resize_into(&img, w, h, crop, &s, &mut out)
+                .unwrap();
+            out
+        };
+        // The whole image has nothing beyond its edges.
+        let whole = window(0.0, 0.0, 160.0, 120.0, false);
+        assert_eq!(run(&img, w, h, &whole, &s), run_image(&whole));
+        // An inner window: the outermost outputs read past the window with Image edges.
+        let inner = window(40.0, 30.0, 80.0, 60.0, true);
+        let (cropped, resized) = (run(&img, w, h, &inner, &s), run_image(&inner));
+        let mut border_differs = false;
+        for y in 0..30 {
+            for x in 0..40 {
+                let i = (y * 40 + x) * 3;
+                let same = cropped[i..i + 3] == resized[i..i + 3];
+                if x == 0 || x == 39 || y == 0 || y == 29 {
+                    border_differs |= !same;
+                } else {
+                    assert!(same, "inner pixel ({x}, {y})");
+                }
+            }
+        }
+        assert!(border_differs);
+    }
+
+    #[test]
+    fn steady_state_does_not_reallocate() {
+        let (w, h) = (500, 375);
+        let img = test_image(w, h);
+        let s = spec(224, 224, OutputDtype::F16, Layout::Nchw);
+        let mut out = vec![0u8; s.sample_bytes()];
+        let mut a = Augmenter::new();
+        // The largest work first: the whole image, then a strong downscale.
+        a.crop_resize_into(
+            &img,
+            w,
+            h,
+            &window(0.0, 0.0, 500.0, 375.0, false),
+            &s,
+            &mut out,
+        )
+        .unwrap();
+        let buffers = |a: &Augmenter| {
+            [
+                a.intermediate.as_ptr() as usize,
+                a.horizontal.coeffs.as_ptr() as usize,
+                a.horizontal.coeffs4.as_ptr() as usize,
+                a.horizontal.raw.as_ptr() as usize,
+                a.vertical.coeffs.as_ptr() as usize,
+                a.output.row_f32.as_ptr() as usize,
+                a.output.row_f16.as_ptr() as usize,
+                a.output.scale.as_ptr() as usize,
+            ]
+        };
+        let before = buffers(&a);
+        let rrc = crate::plan::RandomResizedCrop::default();
+        for seed in 0..50 {
+            a.crop_resize_into(&img, w, h, &rrc.plan(w, h, seed), &s, &mut out)
+                .unwrap();
+        }
+        assert_eq!(buffers(&a), before);
+    }
+
+    #[test]
+    fn portable_kernels_match_the_vector_ones() {
+        let (w, h) = (1200, 700);
+        let img = test_image(w, h);
+        let crops = [
+            window(0.0, 0.0, 1200.0, 700.0, false), // 5.4x / 3.1x down: the any-width kernels
+            window(13.0, 7.0, 301.0, 260.0, true),  // 1.3x down
+            window(500.0, 100.0, 200.0, 237.0, false), // vertical pass first
+            window(1190.0, 690.0, 10.0, 10.0, true), // upscale at the image's last pixel
+            window(0.5, 3.25, 1199.0, 600.5, false), // fractional edges
+        ];
+        let mut vector = Augmenter::new();
+        let mut portable = Augmenter {
+            portable_only: true,
+            ..Augmenter::new()
+        };
+        for crop in &crops {
+            for (dtype, layout) in [
+                (OutputDtype::U8, Layout::Nhwc),
+                (OutputDtype::F16, Layout::Nchw),
+            ] {
+                let s = spec(224, 160, dtype, layout);
+                let mut a = vec![0u8; s.sample_bytes()];
+                let mut b = vec![0u8; s.sample_bytes()];
+                vector
+                    .crop_resize_into(&img, w, h, crop, &s, &mut a)
+                    .unwrap();
+                portable
+                    .crop_resize_into(&img, w, h, crop, &s, &mut b)
+                    .unwrap();
+                assert!(a == b, "{crop:?} {dtype:?}");
+            }
+        }
     }
 
     /// Throughput on one core: `cargo test --release -p convnets-pipeline --lib
@@ -907,19 +1295,29 @@ mod tests {
         let rrc = RandomResizedCrop::default();
         let crops: Vec<CropWindow> = (0..256).map(|seed| rrc.plan(w, h, seed)).collect();
         let whole = [window(0.0, 0.0, 500.0, 375.0, false)];
-        let mut a = Augmenter::new();
-        for (name, dtype, layout) in [
-            ("f16 NCHW", OutputDtype::F16, Layout::Nchw),
-            ("u8 NHWC", OutputDtype::U8, Layout::Nhwc),
-            ("f32 NCHW", OutputDtype::F32, Layout::Nchw),
+        for (name, dtype, layout, portable_only) in [
+            ("f16 NCHW", OutputDtype::F16, Layout::Nchw, false),
+            ("u8 NHWC", OutputDtype::U8, Layout::Nhwc, false),
+            ("f32 NCHW", OutputDtype::F32, Layout::Nchw, false),
+            (
+                "f16 NCHW, portable kernels",
+                OutputDtype::F16,
+                Layout::Nchw,
+                true,
+            ),
         ] {
+            let mut a = Augmenter {
+                portable_only,
+                ..Augmenter::new()
+            };
             let s = spec(224, 224, dtype, layout);
             let mut out = vec![0u8; s.sample_bytes()];
             for (what, crops) in [("rrc", &crops[..]), ("whole image", &whole[..])] {
                 let n = 4000;
                 let start = std::time::Instant::now();
                 for i in 0..n {
-                    a.crop_resize_into(&img, w, h, &crops[i % crops.len()], &s, &mut out).unwrap();
+                    a.crop_resize_into(&img, w, h, &crops[i % crops.len()], &s, &mut out)
+                        .unwrap();
                 }
                 let secs = start.elapsed().as_secs_f64();
                 println!(
@@ -941,10 +1339,13 @@ mod tests {
         let crop = window(3.0, 4.0, 250.0, 190.0, false);
         let mut out_big = vec![0u8; big.sample_bytes()];
         let mut out_small = vec![0u8; small.sample_bytes()];
-        a.crop_resize_into(&img, w, h, &crop, &big, &mut out_big).unwrap();
-        a.crop_resize_into(&img, w, h, &crop, &small, &mut out_small).unwrap();
+        a.crop_resize_into(&img, w, h, &crop, &big, &mut out_big)
+            .unwrap();
+        a.crop_resize_into(&img, w, h, &crop, &small, &mut out_small)
+            .unwrap();
         assert_eq!(out_small, run(&img, w, h, &crop, &small));
-        a.crop_resize_into(&img, w, h, &crop, &big, &mut out_big).unwrap();
+        a.crop_resize_into(&img, w, h, &crop, &big, &mut out_big)
+            .unwrap();
         assert_eq!(out_big, run(&img, w, h, &crop, &big));
     }
 }
