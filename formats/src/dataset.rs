@@ -56,7 +56,8 @@ impl Dataset {
         })?;
         let num_classes = self.manifest.classes.len() as u32;
         let mut shards = Vec::with_capacity(info.shards.len());
-        let mut table = Vec::with_capacity(info.records as usize);
+        // Not sized from the manifest's count: a corrupt count would abort on allocation.
+        let mut table = Vec::new();
         for (s, shard_info) in info.shards.iter().enumerate() {
             let path = shard_path(&self.dir, shard_info);
             let reader = ShardReader::open(&path)?;
@@ -151,5 +152,24 @@ impl RecordSource for SplitReader {
     fn locate(&self, i: usize) -> Result<(PathBuf, u64)> {
         let (shard, local) = self.resolve(i)?;
         Ok((shard.path().to_path_buf(), local as u64))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A manifest's counts are not trusted for allocation: a huge one used to abort the
+    /// process (`Vec::with_capacity`) before any shard was looked at.
+    #[test]
+    fn huge_record_count_is_an_error_not_an_abort() {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest = r#"{"format": "convnets-dataset", "version": 1,
+            "classes": [{"wnid": "n01440764", "name": "tench"}],
+            "splits": {"train": {"records": 1000000000000, "shards": [
+                {"file": "train-00000-of-00001.cnr", "records": 1000000000000, "bytes": 1, "crc32c": 0}]}}}"#;
+        std::fs::write(dir.path().join(crate::manifest::MANIFEST_NAME), manifest).unwrap();
+        let ds = Dataset::open(dir.path()).unwrap();
+        assert!(ds.split("train").is_err());
     }
 }

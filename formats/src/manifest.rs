@@ -108,10 +108,15 @@ impl Manifest {
         let mut files = std::collections::HashSet::new();
         for (name, split) in &self.splits {
             check_plain_name(name).map_err(|r| bad(format!("split name '{name}' {r}")))?;
-            let sum: u64 = split.shards.iter().map(|s| s.records).sum();
-            if sum != split.records {
+            // Checked: counts come from the file, and a wrapped sum could match anything.
+            let sum = split
+                .shards
+                .iter()
+                .try_fold(0u64, |acc, s| acc.checked_add(s.records));
+            if sum != Some(split.records) {
+                let held = sum.map_or_else(|| "2^64 or more".to_string(), |n| n.to_string());
                 return Err(bad(format!(
-                    "split '{name}' says {} records but its shards hold {sum}",
+                    "split '{name}' says {} records but its shards hold {held}",
                     split.records
                 )));
             }
@@ -206,6 +211,21 @@ mod tests {
             m.validate(Path::new("m.json")),
             Err(Error::UnsupportedVersion { found: 99, .. })
         ));
+    }
+
+    /// Found by `fuzz/` (target `manifest`): the sum of shard counts overflowed.
+    #[test]
+    fn overflowing_counts_are_refused() {
+        let mut m = sample();
+        let split = m.splits.get_mut("train").unwrap();
+        split.shards[0].records = u64::MAX;
+        let mut second = split.shards[0].clone();
+        second.file = "train-extra.cnr".into();
+        second.records = 1;
+        split.shards.push(second);
+        split.records = 0; // what a wrapping sum would give
+        let e = m.validate(Path::new("m.json")).unwrap_err();
+        assert!(e.to_string().contains("2^64 or more"), "{e}");
     }
 
     #[test]

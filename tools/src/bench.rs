@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
 use convnets_formats::{Dataset, RecordSource};
 use convnets_pipeline::cpu::augment::{Layout, OutputDtype, OutputSpec};
-use convnets_pipeline::loader::{Loader, LoaderConfig, LoaderState, Transform};
+use convnets_pipeline::loader::{BadRecordPolicy, Loader, LoaderConfig, LoaderState, Transform};
 use convnets_pipeline::plan::{CenterCrop, RandomResizedCrop};
 use convnets_pipeline::sampler::{LastBatch, SamplerConfig};
 use serde_json::json;
@@ -23,6 +23,12 @@ pub enum BenchCommand {
 pub enum LoaderKind {
     Cpu,
     Gpu,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnBadRecord {
+    Error,
+    Skip,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -72,6 +78,9 @@ pub struct LoaderBenchArgs {
     pub seconds: Option<f64>,
     #[arg(long, default_value_t = 2)]
     pub prefetch: usize,
+    /// What a record that fails to decode does: fail the run, or be skipped and counted.
+    #[arg(long, value_enum, default_value_t = OnBadRecord::Error)]
+    pub on_bad_record: OnBadRecord,
     /// Print one JSON document.
     #[arg(long)]
     pub json: bool,
@@ -125,6 +134,10 @@ fn loader(a: LoaderBenchArgs) -> anyhow::Result<()> {
         },
         threads: a.threads,
         prefetch: a.prefetch,
+        on_bad_record: match a.on_bad_record {
+            OnBadRecord::Error => BadRecordPolicy::Error,
+            OnBadRecord::Skip => BadRecordPolicy::Skip,
+        },
         ..LoaderConfig::default()
     };
     let mut loader = Loader::new(split, cfg, LoaderState::default())
@@ -173,6 +186,7 @@ fn loader(a: LoaderBenchArgs) -> anyhow::Result<()> {
         );
     }
     let stats = loader.stats();
+    let skipped_records = loader.take_skipped();
     let d = |x: f64, y: f64| x - y;
     let img_s = measured_images as f64 / wall;
     let mb_s = (stats.bytes_read - base.bytes_read) as f64 / wall / 1e6;
@@ -203,6 +217,7 @@ fn loader(a: LoaderBenchArgs) -> anyhow::Result<()> {
         "mean_ready_batches": stats.mean_ready_batches,
         "decoder_split": { "cpu": measured_images, "hardware": 0, "hybrid": 0 },
         "skipped": stats.skipped,
+        "skipped_records": skipped_records,
         "peak_rss_mib": peak_rss_mib(),
     });
     if a.json {
