@@ -46,8 +46,11 @@ fn config(threads: usize, batch: usize) -> LoaderConfig {
     }
 }
 
-/// (epoch, index, images, labels, record indices) of the next `n` batches, crossing epochs.
-fn take(loader: &mut Loader, n: usize) -> Result<Vec<(u64, usize, Tensor, Tensor, Vec<u32>)>> {
+/// (epoch, index, images, labels, record indices) of one batch, copied out of the loader.
+type Taken = (u64, usize, Tensor, Tensor, Vec<u32>);
+
+/// The next `n` batches, crossing epochs.
+fn take(loader: &mut Loader, n: usize) -> Result<Vec<Taken>> {
     let mut out = Vec::new();
     while out.len() < n {
         match loader.next_batch() {
@@ -67,7 +70,7 @@ fn take(loader: &mut Loader, n: usize) -> Result<Vec<(u64, usize, Tensor, Tensor
     Ok(out)
 }
 
-fn same(a: &[(u64, usize, Tensor, Tensor, Vec<u32>)], b: &[(u64, usize, Tensor, Tensor, Vec<u32>)]) {
+fn same(a: &[Taken], b: &[Taken]) {
     assert_eq!(a.len(), b.len());
     for (x, y) in a.iter().zip(b) {
         assert_eq!((x.0, x.1, &x.4), (y.0, y.1, &y.4));

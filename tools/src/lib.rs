@@ -7,10 +7,12 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bench;
+pub mod checkpoint;
 mod dataset_cmds;
 mod devices;
 mod pack;
 mod units;
+mod weights_cmds;
 
 #[derive(Debug, Parser)]
 #[command(name = "convnets", version, about = "Train ResNet-family image classifiers on ImageNet-scale data")]
@@ -29,6 +31,10 @@ pub enum Command {
     Verify(dataset_cmds::VerifyArgs),
     /// List the GPUs this build can use (needs a build with `--features cuda`).
     Devices(devices::DevicesArgs),
+    /// Turn a torchvision/timm safetensors state_dict into a checkpoint folder.
+    ImportWeights(weights_cmds::ImportArgs),
+    /// Write a checkpoint's weights as a torchvision/timm safetensors state_dict.
+    ExportWeights(weights_cmds::ExportArgs),
     /// Measure throughput (loader-only, ...), as a table or JSON.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -47,6 +53,8 @@ where
         Command::Verify(a) => dataset_cmds::verify(a),
         Command::Devices(a) => devices::run(a),
         Command::Bench(c) => bench::run(c),
+        Command::ImportWeights(a) => weights_cmds::import(a),
+        Command::ExportWeights(a) => weights_cmds::export(a),
     }
 }
 
