@@ -275,3 +275,34 @@ fn bad_configurations_are_errors() -> Result<()> {
     assert!(Loader::new(source, config(1, 4), LoaderState { epoch: 0, batch: 99 }).is_err());
     Ok(())
 }
+
+#[test]
+fn tfrecords_are_loaded_in_place() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let fixture = make_tfrecords(&tmp.path().join("tf"), 3, 4, 2, 5)?;
+    let source = convnets_tools::source::open_split(&tmp.path().join("tf"), "val", 1)?;
+    assert_eq!(source.len(), fixture.split("val").len());
+    let mut cfg = config(2, 2);
+    cfg.sampler.shuffle = false;
+    cfg.sampler.last_batch = LastBatch::Partial;
+    cfg.transform = Transform::Eval(CenterCrop { resize: 36, crop: 32 });
+    let mut loader = Loader::new(source.clone(), cfg, LoaderState::default())?;
+    let mut labels = Vec::new();
+    while let Some(b) = loader.next_batch() {
+        labels.extend(Vec::<i64>::try_from(&b?.labels)?);
+    }
+    let mut expected: Vec<i64> = fixture.split("val").iter().map(|i| i64::from(i.label)).collect();
+    let mut got = labels.clone();
+    expected.sort();
+    got.sort();
+    assert_eq!(got, expected);
+    // The CLI bench reads the same folder.
+    let tf = tmp.path().join("tf");
+    convnets(&[
+        "bench", "loader", "--data", tf.to_str().unwrap(), "--split", "train", "--batch-size", "2",
+        "--threads", "1", "--image-size", "32", "--epochs", "1", "--warmup-batches", "1", "--json",
+    ])?;
+    let err = convnets_tools::source::open_split(tmp.path(), "train", 1).err().context("not a dataset")?;
+    assert!(err.to_string().contains("neither a packed dataset"), "{err}");
+    Ok(())
+}

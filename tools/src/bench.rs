@@ -1,17 +1,17 @@
 //! `convnets bench`: throughput figures as a table or one JSON document.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
-use convnets_formats::{Dataset, RecordSource};
 use convnets_pipeline::cpu::augment::{Layout, OutputDtype, OutputSpec};
 use convnets_pipeline::loader::{BadRecordPolicy, Loader, LoaderConfig, LoaderState, Transform};
 use convnets_pipeline::plan::{CenterCrop, RandomResizedCrop};
 use convnets_pipeline::sampler::{LastBatch, SamplerConfig};
 use serde_json::json;
+
+use crate::source::open_split;
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -46,9 +46,12 @@ pub enum LayoutArg {
 
 #[derive(Debug, Args)]
 pub struct LoaderBenchArgs {
-    /// Dataset folder (made by pack-imagenet).
+    /// Dataset folder (made by pack-imagenet), or a folder of ImageNet TFRecords.
     #[arg(long)]
     pub data: PathBuf,
+    /// Subtracted from TFRecord labels (build_imagenet_data.py labels start at 1).
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
+    pub label_offset: i64,
     #[arg(long, default_value = "train")]
     pub split: String,
     #[arg(long, value_enum, default_value_t = LoaderKind::Cpu)]
@@ -98,8 +101,7 @@ fn loader(a: LoaderBenchArgs) -> anyhow::Result<()> {
         convnets_pipeline::device::gpus()?;
         bail!("the GPU loader is not available in this version; use --loader cpu");
     }
-    let ds = Dataset::open(&a.data)?;
-    let split: Arc<dyn RecordSource> = Arc::new(ds.split(&a.split)?);
+    let split = open_split(&a.data, &a.split, a.label_offset)?;
     let records = split.len();
     let cfg = LoaderConfig {
         sampler: SamplerConfig {

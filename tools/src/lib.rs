@@ -11,6 +11,7 @@ pub mod checkpoint;
 mod dataset_cmds;
 mod devices;
 mod pack;
+pub mod source;
 mod units;
 mod weights_cmds;
 
