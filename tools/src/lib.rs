@@ -11,7 +11,10 @@ pub mod checkpoint;
 mod dataset_cmds;
 mod devices;
 mod pack;
+mod plot;
 pub mod source;
+pub mod synth;
+pub mod train;
 mod units;
 mod weights_cmds;
 
@@ -32,6 +35,10 @@ pub enum Command {
     Verify(dataset_cmds::VerifyArgs),
     /// List the GPUs this build can use (needs a build with `--features cuda`).
     Devices(devices::DevicesArgs),
+    /// Train a model (the seed's recipe by default).
+    Train(train::TrainCommand),
+    /// Top-1/top-5 accuracy and loss of a checkpoint on a dataset's val split.
+    Eval(train::EvalArgs),
     /// Turn a torchvision/timm safetensors state_dict into a checkpoint folder.
     ImportWeights(weights_cmds::ImportArgs),
     /// Write a checkpoint's weights as a torchvision/timm safetensors state_dict.
@@ -39,6 +46,10 @@ pub enum Command {
     /// Measure throughput (loader-only, ...), as a table or JSON.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Write a small synthetic ImageNet-like JPEG folder whose classes a small CNN can learn.
+    Synth(synth::SynthArgs),
+    /// Draw a run's training curves (RUN_DIR/log.jsonl) as a PNG.
+    Plot(plot::PlotArgs),
 }
 
 /// Runs the tool on `args` (the first item is the program name).
@@ -54,8 +65,12 @@ where
         Command::Verify(a) => dataset_cmds::verify(a),
         Command::Devices(a) => devices::run(a),
         Command::Bench(c) => bench::run(c),
+        Command::Train(c) => train::train(c),
+        Command::Eval(a) => train::eval(a),
         Command::ImportWeights(a) => weights_cmds::import(a),
         Command::ExportWeights(a) => weights_cmds::export(a),
+        Command::Synth(a) => synth::run(a),
+        Command::Plot(a) => plot::run(a),
     }
 }
 

@@ -1,0 +1,575 @@
+//! `convnets train` and `convnets eval`: the seed's recipe (SGD momentum 0.875, weight decay
+//! 3.0517578125e-05 without BN/bias, label smoothing 0.1, LR 0.256 per 256 images with
+//! warm-up then cosine), fp16 autocast with dynamic loss scaling on GPU, checkpoints every
+//! epoch with exact resume, evaluation on the val split, DLLogger-style JSON logs.
+
+mod run_dir;
+pub mod scaler;
+pub mod schedule;
+pub mod sgd;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use convnets_formats::RecordSource;
+use convnets_models::{Arch, MemoryFormat, ModelConfig};
+use convnets_pipeline::cpu::augment::{Layout, OutputDtype, OutputSpec};
+use convnets_pipeline::loader::{BadRecordPolicy, Batch, Loader, LoaderConfig, LoaderState, Transform};
+use convnets_pipeline::plan::{CenterCrop, RandomResizedCrop};
+use convnets_pipeline::sampler::{LastBatch, SamplerConfig};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tch::nn::{ModuleT, VarStore};
+use tch::{Device, Kind, Reduction, Tensor};
+
+use crate::checkpoint::{self, CheckpointMeta};
+use crate::source::open_split;
+use run_dir::RunDir;
+use scaler::LossScaler;
+use schedule::{LrSchedule, ScheduleKind};
+use sgd::Sgd;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+pub enum LoaderKind {
+    Cpu,
+    Gpu,
+    /// Random tensors already on the device: compute-only runs.
+    Synthetic,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+pub enum DeviceArg {
+    /// The first GPU when there is one, else the CPU.
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+pub enum ScheduleArg {
+    Cosine,
+    Step,
+    Linear,
+}
+
+/// Everything a run was started with; saved in the run folder so `--resume` continues the
+/// same run.
+#[derive(Debug, Clone, Args, Serialize, Deserialize)]
+pub struct TrainArgs {
+    /// Dataset folder (pack-imagenet output) or ImageNet TFRecord folder.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    #[arg(long, default_value = "resnet50")]
+    #[serde(with = "arch_name")]
+    pub arch: Arch,
+    #[arg(long, value_enum, default_value_t = LoaderKind::Cpu)]
+    pub loader: LoaderKind,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    pub device: DeviceArg,
+    /// fp16 autocast with dynamic loss scaling (GPU only).
+    #[arg(long)]
+    pub amp: bool,
+    #[arg(long, default_value_t = 90)]
+    pub epochs: u64,
+    #[arg(long, default_value_t = 256)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 224)]
+    pub image_size: u32,
+    /// Learning rate per 256 images (scaled linearly with the batch size).
+    #[arg(long, default_value_t = 0.256)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 8.0)]
+    pub warmup_epochs: f64,
+    #[arg(long, value_enum, default_value_t = ScheduleArg::Cosine)]
+    pub lr_schedule: ScheduleArg,
+    /// Epochs at which the step schedule multiplies the LR by 0.1.
+    #[arg(long, value_delimiter = ',', default_values_t = [30.0, 60.0, 80.0])]
+    pub lr_steps: Vec<f64>,
+    #[arg(long, default_value_t = 0.875)]
+    pub momentum: f64,
+    #[arg(long, default_value_t = 3.0517578125e-05)]
+    pub weight_decay: f64,
+    #[arg(long)]
+    pub nesterov: bool,
+    #[arg(long, default_value_t = 0.1)]
+    pub label_smoothing: f64,
+    /// Loader threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Evaluate on the val split every N epochs (0: never).
+    #[arg(long, default_value_t = 1)]
+    pub eval_every: u64,
+    /// One JSON log line every N steps.
+    #[arg(long, default_value_t = 50)]
+    pub log_every: u64,
+    /// Checkpoints kept besides the best one.
+    #[arg(long, default_value_t = 2)]
+    pub keep_last: usize,
+    /// What a record that fails to decode does.
+    #[arg(long, value_enum, default_value_t = OnBadRecord::Error)]
+    pub on_bad_record: OnBadRecord,
+    /// Stop after this many steps in total (for short runs and tests).
+    #[arg(long)]
+    pub max_steps: Option<u64>,
+    /// Run folder: log.jsonl, summary.json, checkpoints/.
+    #[arg(long, short)]
+    pub output: PathBuf,
+}
+
+/// `Arch` in JSON as its `--arch` name.
+mod arch_name {
+    use convnets_models::Arch;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(arch: &Arch, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(arch.name())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arch, D::Error> {
+        let name = String::deserialize(d)?;
+        name.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+pub enum OnBadRecord {
+    Error,
+    Skip,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainCommand {
+    #[command(flatten)]
+    pub args: TrainArgs,
+    /// Continue the run in --output from its last checkpoint (other flags are taken from it).
+    #[arg(long)]
+    pub resume: bool,
+}
+
+/// What a checkpoint remembers besides weights and momentum.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainState {
+    pub epoch: u64,
+    pub step: u64,
+    pub loader: LoaderState,
+    pub scaler: LossScaler,
+    pub best_top1: Option<f64>,
+}
+
+/// Set by Ctrl-C: the loop saves a checkpoint at the next step and stops.
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn interrupted() -> bool {
+    INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+pub fn train(cmd: TrainCommand) -> anyhow::Result<()> {
+    // Only the first handler can be installed per process; later runs (tests) reuse it.
+    let _ = ctrlc::set_handler(|| {
+        if INTERRUPTED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            std::process::exit(130); // a second Ctrl-C: stop now
+        }
+    });
+    let run = RunDir::new(&cmd.args.output);
+    let (args, resume) = if cmd.resume {
+        let mut args = run.load_args()?;
+        // A resumed run keeps its recipe; only the stopping point is taken from this call.
+        args.max_steps = cmd.args.max_steps;
+        let (dir, state) = run.latest()?.with_context(|| {
+            format!("--resume: {} holds no finished checkpoint", cmd.args.output.display())
+        })?;
+        (args, Some((dir, state)))
+    } else {
+        check_args(&cmd.args)?;
+        run.create(&cmd.args)?;
+        (cmd.args, None)
+    };
+    Trainer::new(args, run, resume)?.run()
+}
+
+/// Refusals that must come before anything is written to the run folder.
+fn check_args(args: &TrainArgs) -> anyhow::Result<()> {
+    let device = device_of(args.device)?;
+    if args.amp && !device.is_cuda() {
+        bail!("--amp needs a GPU (fp16 autocast); drop it to train in fp32 on the CPU");
+    }
+    if args.batch_size == 0 || args.epochs == 0 {
+        bail!("--batch-size and --epochs must be at least 1");
+    }
+    match (args.loader, &args.data) {
+        (LoaderKind::Cpu, None) => bail!("--loader cpu needs --data DATASET"),
+        (LoaderKind::Gpu, _) => {
+            convnets_pipeline::device::gpus()?;
+            bail!("--loader gpu is not available in this version; use --loader cpu or synthetic")
+        }
+        _ => Ok(()),
+    }
+}
+
+fn device_of(arg: DeviceArg) -> anyhow::Result<Device> {
+    Ok(match arg {
+        DeviceArg::Cpu => Device::Cpu,
+        DeviceArg::Auto => Device::cuda_if_available(),
+        DeviceArg::Cuda if tch::Cuda::is_available() => Device::Cuda(0),
+        DeviceArg::Cuda => bail!("--device cuda: libtorch sees no GPU{}", if cfg!(feature = "cuda") { "" } else { " (built without CUDA)" }),
+    })
+}
+
+static INIT_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Non-finite losses in a row after which a run counts as diverged.
+const NAN_STEPS_TO_STOP: u32 = 5;
+
+struct Trainer {
+    args: TrainArgs,
+    run: RunDir,
+    device: Device,
+    vs: VarStore,
+    model: convnets_models::resnet::ResNet,
+    sgd: Sgd,
+    scaler: LossScaler,
+    schedule: LrSchedule,
+    meta: CheckpointMeta,
+    train: Option<Arc<dyn RecordSource>>,
+    val: Option<Arc<dyn RecordSource>>,
+    state: TrainState,
+    log: std::fs::File,
+}
+
+impl Trainer {
+    fn new(args: TrainArgs, run: RunDir, resume: Option<(PathBuf, TrainState)>) -> anyhow::Result<Self> {
+        check_args(&args)?;
+        let device = device_of(args.device)?;
+        let (train, val, classes) = match (&args.loader, &args.data) {
+            (LoaderKind::Cpu, Some(data)) => {
+                let train = open_split(data, "train", 1)?;
+                let val = if args.eval_every > 0 { Some(open_split(data, "val", 1)?) } else { None };
+                let classes = convnets_formats::Dataset::open(data)
+                    .map(|d| d.manifest().classes.clone())
+                    .unwrap_or_default();
+                (Some(train), val, classes)
+            }
+            _ => (None, None, Vec::new()),
+        };
+        let num_classes = if classes.is_empty() { 1000 } else { classes.len() as i64 };
+        let mut vs = VarStore::new(Device::Cpu);
+        let memory_format = if device.is_cuda() { MemoryFormat::ChannelsLast } else { MemoryFormat::Contiguous };
+        let model = {
+            // libtorch's generator is global: hold it while seeding and initialising, so
+            // that the same seed gives the same weights even with other runs in the process.
+            let _rng = INIT_RNG.lock().unwrap_or_else(|p| p.into_inner());
+            tch::manual_seed(args.seed as i64);
+            args.arch.build(&vs.root(), num_classes, &ModelConfig { memory_format, ..ModelConfig::default() })?
+        };
+        let mut meta = CheckpointMeta::new(args.arch, num_classes);
+        meta.classes = classes;
+        meta.source = "convnets train".into();
+        let mut sgd = Sgd::new(&vs, args.momentum, args.weight_decay, args.nesterov);
+        let mut state = TrainState {
+            epoch: 0,
+            step: 0,
+            loader: LoaderState::default(),
+            scaler: LossScaler::new(args.amp),
+            best_top1: None,
+        };
+        if let Some((dir, saved)) = resume {
+            convnets_models::weights::load_safetensors(&vs, dir.join(checkpoint::MODEL_NAME))?;
+            let momentum = Tensor::read_safetensors(dir.join(run_dir::OPTIMIZER_NAME))?;
+            sgd.load_state(&momentum.into_iter().collect())?;
+            eprintln!("resuming from {} (epoch {}, step {})", dir.display(), saved.epoch, saved.step);
+            state = saved;
+        }
+        vs.set_device(device);
+        if device.is_cuda() {
+            tch::Cuda::cudnn_set_benchmark(true);
+        }
+        let global_batch = args.batch_size as f64;
+        let schedule = LrSchedule {
+            base_lr: args.lr * global_batch / 256.0,
+            warmup_epochs: args.warmup_epochs,
+            epochs: args.epochs as f64,
+            kind: match args.lr_schedule {
+                ScheduleArg::Cosine => ScheduleKind::Cosine,
+                ScheduleArg::Linear => ScheduleKind::Linear,
+                ScheduleArg::Step => ScheduleKind::Step { milestones: args.lr_steps.clone(), gamma: 0.1 },
+            },
+        };
+        let scaler = state.scaler.clone();
+        let log = run.open_log(state.step)?;
+        Ok(Self { args, run, device, vs, model, sgd, scaler, schedule, meta, train, val, state, log })
+    }
+
+    fn loader_config(&self, eval: bool) -> LoaderConfig {
+        let cuda = self.device.is_cuda();
+        LoaderConfig {
+            sampler: SamplerConfig {
+                seed: self.args.seed,
+                shuffle: !eval,
+                batch_size: self.args.batch_size,
+                rank: 0,
+                world_size: 1,
+                last_batch: if eval { LastBatch::Partial } else { LastBatch::Drop },
+            },
+            transform: if eval {
+                Transform::Eval(CenterCrop { resize: (self.args.image_size * 8).div_ceil(7), crop: self.args.image_size })
+            } else {
+                Transform::Train(RandomResizedCrop::default())
+            },
+            output: OutputSpec {
+                width: self.args.image_size,
+                height: self.args.image_size,
+                // fp16 NHWC is what a channels_last fp16 model wants; fp32 NCHW on CPU.
+                dtype: if self.args.amp { OutputDtype::F16 } else { OutputDtype::F32 },
+                layout: if cuda { Layout::Nhwc } else { Layout::Nchw },
+                normalize: Some(Default::default()),
+            },
+            threads: self.args.threads,
+            prefetch: 3,
+            on_bad_record: match self.args.on_bad_record {
+                OnBadRecord::Error => BadRecordPolicy::Error,
+                OnBadRecord::Skip => BadRecordPolicy::Skip,
+            },
+            ..LoaderConfig::default()
+        }
+    }
+
+    fn run(mut self) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let mut loader = match &self.train {
+            Some(src) => Some(Loader::new(src.clone(), self.loader_config(false), self.state.loader)?),
+            None => None,
+        };
+        let steps_per_epoch = loader.as_ref().map_or(100, |l| l.batches_per_epoch()) as u64;
+        let total_steps = steps_per_epoch * self.args.epochs;
+        let bar = progress_bar(total_steps, self.state.step);
+        let mut images_done = 0u64;
+        let mut window = (Instant::now(), 0u64);
+        let mut last_eval = None;
+        let mut nan_streak = 0u32;
+        'epochs: while self.state.epoch < self.args.epochs {
+            let epoch = self.state.epoch;
+            let mut step_in_epoch = self.state.loader.batch as u64;
+            loop {
+                if self.args.max_steps.is_some_and(|m| self.state.step >= m) || interrupted() {
+                    // Stopped mid-epoch: save where we are so --resume continues exactly.
+                    self.state.loader = loader.as_ref().map_or(
+                        LoaderState { epoch, batch: step_in_epoch as usize },
+                        |l| l.state(),
+                    );
+                    self.state.scaler = self.scaler.clone();
+                    self.run.save_checkpoint(&self.vs, &self.sgd, &self.meta, &self.state, false, self.args.keep_last)?;
+                    bar.println(format!("stopped at step {}; checkpoint saved, continue with --resume", self.state.step));
+                    break 'epochs;
+                }
+                let batch = match &mut loader {
+                    Some(l) => match l.next_batch() {
+                        Some(b) => Some(b.context("loading a batch")?),
+                        None => None,
+                    },
+                    None if step_in_epoch < steps_per_epoch => None,
+                    None => break,
+                };
+                if loader.is_some() && batch.is_none() {
+                    break;
+                }
+                let t = epoch as f64 + step_in_epoch as f64 / steps_per_epoch as f64;
+                let lr = self.schedule.lr(t);
+                let (loss, n) = self.step(batch.as_ref(), lr)?;
+                drop(batch);
+                self.state.step += 1;
+                step_in_epoch += 1;
+                images_done += n;
+                window.1 += n;
+                bar.inc(1);
+                if self.state.step % self.args.log_every == 0 || step_in_epoch == steps_per_epoch {
+                    let img_s = window.1 as f64 / window.0.elapsed().as_secs_f64();
+                    window = (Instant::now(), 0);
+                    bar.set_message(format!("epoch {epoch} loss {loss:.4} lr {lr:.4} {img_s:.0} img/s"));
+                    self.log(json!({"type": "train", "epoch": epoch, "step": self.state.step, "loss": loss,
+                        "lr": lr, "img_s": img_s, "loss_scale": self.scaler.scale}))?;
+                }
+                // Divergence guard: a few non-finite losses in a row (skipped steps) end the run.
+                nan_streak = if loss.is_finite() { 0 } else { nan_streak + 1 };
+                if nan_streak >= NAN_STEPS_TO_STOP {
+                    bail!("loss was {loss} for {nan_streak} steps in a row (step {}, epoch {epoch}): the run diverged. \
+                           The last good checkpoint is in {}", self.state.step, self.run.checkpoints().display());
+                }
+            }
+            self.state.epoch += 1;
+            self.state.loader = loader.as_ref().map_or(LoaderState { epoch: epoch + 1, batch: 0 }, |l| l.state());
+            let eval = if self.val.is_some() && self.args.eval_every > 0 && (epoch + 1) % self.args.eval_every == 0 {
+                Some(self.evaluate()?)
+            } else {
+                None
+            };
+            if let Some(e) = &eval {
+                self.log(json!({"type": "eval", "epoch": epoch, "step": self.state.step, "loss": e.loss, "top1": e.top1, "top5": e.top5, "images": e.images}))?;
+                bar.println(format!("epoch {epoch}: val top-1 {:.2} %, top-5 {:.2} %, loss {:.4}", e.top1 * 100.0, e.top5 * 100.0, e.loss));
+                last_eval = Some(e.clone());
+            }
+            let is_best = eval.as_ref().is_some_and(|e| self.state.best_top1.is_none_or(|b| e.top1 > b));
+            if is_best {
+                self.state.best_top1 = eval.as_ref().map(|e| e.top1);
+            }
+            self.state.scaler = self.scaler.clone();
+            self.run.save_checkpoint(&self.vs, &self.sgd, &self.meta, &self.state, is_best, self.args.keep_last)?;
+        }
+        bar.finish_and_clear();
+        let wall = started.elapsed().as_secs_f64();
+        let summary = json!({
+            "arch": self.args.arch.name(), "epochs": self.state.epoch, "steps": self.state.step,
+            "images": images_done, "wall_s": wall, "img_s": images_done as f64 / wall,
+            "final_eval": last_eval, "best_top1": self.state.best_top1,
+            "skipped_steps": self.scaler.skipped_steps,
+            "run_dir": self.run.dir(),
+        });
+        self.run.write_summary(&summary)?;
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+        Ok(())
+    }
+
+    /// One optimisation step; returns (loss, images).
+    fn step(&mut self, batch: Option<&Batch>, lr: f64) -> anyhow::Result<(f64, u64)> {
+        let (images, labels) = match batch {
+            Some(b) => (
+                b.images.to_device(self.device).to_kind(if self.args.amp { Kind::Half } else { Kind::Float }),
+                b.labels.to_device(self.device),
+            ),
+            None => synthetic_batch(self.args.batch_size, self.args.image_size, self.meta.num_classes, self.device, self.args.amp),
+        };
+        let n = labels.size()[0] as u64;
+        self.sgd.zero_grad();
+        let loss = tch::autocast(self.args.amp, || -> anyhow::Result<Tensor> {
+            let logits = self.model.f_forward_t(&images, true)?;
+            Ok(logits.to_kind(Kind::Float).f_cross_entropy_loss(&labels, None::<Tensor>, Reduction::Mean, -100, self.args.label_smoothing)?)
+        })?;
+        let scale = self.scaler.scale;
+        (&loss * scale).backward();
+        let finite = self.sgd.grads_finite();
+        if self.scaler.update(finite) {
+            self.sgd.step(lr, 1.0 / scale);
+        }
+        Ok((loss.double_value(&[]), n))
+    }
+
+    fn evaluate(&mut self) -> anyhow::Result<EvalResult> {
+        let val = self.val.clone().context("no val split")?;
+        evaluate(&self.model, val, self.loader_config(true), self.device, self.args.amp)
+    }
+
+    fn log(&mut self, line: serde_json::Value) -> anyhow::Result<()> {
+        writeln!(self.log, "{line}").context("writing log.jsonl")?;
+        Ok(())
+    }
+}
+
+fn synthetic_batch(batch: usize, size: u32, classes: i64, device: Device, amp: bool) -> (Tensor, Tensor) {
+    let kind = if amp { Kind::Half } else { Kind::Float };
+    let s = i64::from(size);
+    let images = Tensor::randn([batch as i64, 3, s, s], (kind, device));
+    let images = if device.is_cuda() { convnets_models::layout::to_channels_last(&images).unwrap_or(images) } else { images };
+    (images, Tensor::randint(classes, [batch as i64], (Kind::Int64, device)))
+}
+
+fn progress_bar(total: u64, done: u64) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template("[{elapsed_precise}] {bar:30} {pos}/{len} steps eta {eta} {msg}")
+            .expect("valid template"),
+    );
+    bar.set_position(done);
+    bar
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalResult {
+    pub loss: f64,
+    pub top1: f64,
+    pub top5: f64,
+    pub images: u64,
+}
+
+/// Top-1/top-5 accuracy and mean loss over the whole split, every image exactly once.
+pub fn evaluate(
+    model: &convnets_models::resnet::ResNet,
+    val: Arc<dyn RecordSource>,
+    cfg: LoaderConfig,
+    device: Device,
+    amp: bool,
+) -> anyhow::Result<EvalResult> {
+    let _guard = tch::no_grad_guard();
+    let mut loader = Loader::new(val, cfg, LoaderState::default())?;
+    let (mut loss_sum, mut top1, mut top5, mut n) = (0.0, 0i64, 0i64, 0i64);
+    while let Some(batch) = loader.next_batch() {
+        let batch = batch?;
+        let images = batch.images.to_device(device).to_kind(if amp { Kind::Half } else { Kind::Float });
+        let labels = batch.labels.to_device(device);
+        let logits = tch::autocast(amp, || model.forward_t(&images, false)).to_kind(Kind::Float);
+        loss_sum += logits.cross_entropy_loss::<Tensor>(&labels, None, Reduction::Sum, -100, 0.0).double_value(&[]);
+        let k = logits.size()[1].min(5);
+        let (_, top) = logits.topk(k, 1, true, true);
+        let hit = top.eq_tensor(&labels.unsqueeze(1));
+        top1 += hit.narrow(1, 0, 1).sum(Kind::Int64).int64_value(&[]);
+        top5 += hit.sum(Kind::Int64).int64_value(&[]);
+        n += labels.size()[0];
+    }
+    let n_f = n.max(1) as f64;
+    Ok(EvalResult { loss: loss_sum / n_f, top1: top1 as f64 / n_f, top5: top5 as f64 / n_f, images: n as u64 })
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Dataset folder (or TFRecord folder) whose val split is evaluated.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Checkpoint folder (a run's checkpoints/step-N or best, or import-weights output).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    #[arg(long, default_value = "val")]
+    pub split: String,
+    #[arg(long, default_value_t = 256)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 224)]
+    pub image_size: u32,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    pub device: DeviceArg,
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
+    let device = device_of(a.device)?;
+    let memory_format = if device.is_cuda() { MemoryFormat::ChannelsLast } else { MemoryFormat::Contiguous };
+    let loaded = checkpoint::load(&a.checkpoint, device, &ModelConfig { memory_format, ..ModelConfig::default() })?;
+    let val = open_split(&a.data, &a.split, 1)?;
+    let cfg = LoaderConfig {
+        sampler: SamplerConfig { shuffle: false, batch_size: a.batch_size, last_batch: LastBatch::Partial, ..Default::default() },
+        transform: Transform::Eval(CenterCrop { resize: (a.image_size * 8).div_ceil(7), crop: a.image_size }),
+        output: OutputSpec {
+            width: a.image_size,
+            height: a.image_size,
+            dtype: OutputDtype::F32,
+            layout: if device.is_cuda() { Layout::Nhwc } else { Layout::Nchw },
+            normalize: Some(Default::default()),
+        },
+        threads: a.threads,
+        ..LoaderConfig::default()
+    };
+    let r = evaluate(&loaded.model, val, cfg, device, false)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!("{} images: top-1 {:.2} %, top-5 {:.2} %, loss {:.4}", r.images, r.top1 * 100.0, r.top5 * 100.0, r.loss);
+    }
+    Ok(())
+}
