@@ -89,7 +89,7 @@ fn synth_writes_an_imagenet_like_folder() -> Result<()> {
                 ensure!(path.ends_with(".JPEG"), "{path}");
                 let info = parse_header(bytes).with_context(|| path.clone())?;
                 ensure!(
-                    matches!(info.process, Process::BaselineHuffman),
+                    matches!(info.process, Process::Baseline),
                     "{path}: {:?}",
                     info.process
                 );

@@ -68,6 +68,8 @@ pub struct LoaderConfig {
     pub max_pixels: u64,
     /// Check each record's CRC32C before decoding it.
     pub verify_crc: bool,
+    /// Allocate batch memory page-locked, for fast (and asynchronous) copies to this GPU.
+    pub pin_memory: Option<Device>,
 }
 
 impl Default for LoaderConfig {
@@ -87,6 +89,7 @@ impl Default for LoaderConfig {
             on_bad_record: BadRecordPolicy::Error,
             max_pixels: DecodeLimits::default().max_pixels,
             verify_crc: true,
+            pin_memory: None,
         }
     }
 }
@@ -276,7 +279,7 @@ impl Loader {
         let (free_tx, free_rx) = bounded::<Arc<Slot>>(slots);
         for _ in 0..slots {
             free_tx
-                .send(Arc::new(new_slot(cfg.sampler.batch_size, &cfg.output)?))
+                .send(Arc::new(new_slot(cfg.sampler.batch_size, &cfg.output, cfg.pin_memory)?))
                 .map_err(|_| Error::Config("slot pool closed".into()))?;
         }
         let (ready_tx, ready_rx) = bounded::<Arc<Slot>>(slots);
@@ -480,7 +483,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn new_slot(batch: usize, out: &OutputSpec) -> Result<Slot> {
+fn new_slot(batch: usize, out: &OutputSpec, pin: Option<Device>) -> Result<Slot> {
     let (b, h, w) = (batch as i64, i64::from(out.height), i64::from(out.width));
     let kind = match out.dtype {
         OutputDtype::U8 => Kind::Uint8,
@@ -492,7 +495,18 @@ fn new_slot(batch: usize, out: &OutputSpec) -> Result<Slot> {
         // channels_last: NHWC memory seen through an NCHW shape, as PyTorch does.
         Layout::Nhwc => Tensor::empty([b, h, w, 3], (kind, Device::Cpu)).permute([0, 3, 1, 2]),
     };
-    let labels = Tensor::zeros([b], (Kind::Int64, Device::Cpu));
+    let mut labels = Tensor::zeros([b], (Kind::Int64, Device::Cpu));
+    let images = match pin {
+        Some(device) => {
+            if !tch::Cuda::is_available() {
+                return Err(Error::Config("pinned batch memory needs a GPU".into()));
+            }
+            labels = labels.pin_memory(device);
+            // pin_memory copies into page-locked memory, keeping the strides.
+            images.pin_memory(device)
+        }
+        None => images,
+    };
     Ok(Slot {
         images_ptr: images.data_ptr() as usize,
         labels_ptr: labels.data_ptr() as usize,

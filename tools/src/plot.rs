@@ -14,6 +14,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use plotters::coord::Shift;
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 use plotters::style::{register_font, FontStyle};
 use serde_json::{Map, Value};
 
@@ -209,6 +210,7 @@ pub fn render(log: &RunLog, title: &str) -> anyhow::Result<Vec<u8>> {
                 Series::new("eval", orange, true, eval_loss),
             ],
             None,
+            "no train loss or eval loss records",
         )?;
 
         // Shown in percent; the log may hold fractions (0..1, as `train` writes) or percent.
@@ -239,6 +241,7 @@ pub fn render(log: &RunLog, title: &str) -> anyhow::Result<Vec<u8>> {
                 Series::new("top-5", green, true, top5),
             ],
             Some(0.0..100.0),
+            "no eval records",
         )?;
 
         let img_s = log
@@ -253,6 +256,7 @@ pub fn render(log: &RunLog, title: &str) -> anyhow::Result<Vec<u8>> {
             "images/s",
             &[Series::new("img/s", blue, false, img_s)],
             None,
+            "no throughput records",
         )?;
         root.present()?;
     }
@@ -272,6 +276,7 @@ fn panel(
     y_desc: &str,
     series: &[Series],
     y_fixed: Option<std::ops::Range<f64>>,
+    empty_note: &str,
 ) -> anyhow::Result<()> {
     let all = || series.iter().flat_map(|s| s.points.iter().copied());
     let empty = all().next().is_none();
@@ -298,11 +303,10 @@ fn panel(
         .draw()?;
     if empty {
         let (w, h) = area.dim_in_pixel();
-        area.draw_text(
-            "no records",
-            &TextStyle::from((FONT, 16)).color(&RGBColor(120, 120, 120)),
-            (w as i32 / 2 - 40, h as i32 / 2),
-        )?;
+        let style = TextStyle::from((FONT, 16))
+            .color(&RGBColor(120, 120, 120))
+            .pos(Pos::new(HPos::Center, VPos::Center));
+        area.draw_text(empty_note, &style, (w as i32 / 2, h as i32 / 2))?;
         return Ok(());
     }
     for s in series.iter().filter(|s| !s.points.is_empty()) {

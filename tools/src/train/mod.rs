@@ -336,6 +336,7 @@ impl Trainer {
                 OnBadRecord::Error => BadRecordPolicy::Error,
                 OnBadRecord::Skip => BadRecordPolicy::Skip,
             },
+            pin_memory: cuda.then_some(self.device),
             ..LoaderConfig::default()
         }
     }
@@ -423,11 +424,18 @@ impl Trainer {
         }
         bar.finish_and_clear();
         let wall = started.elapsed().as_secs_f64();
+        // Share of the run the training loop spent waiting for the loader.
+        let data_wait = loader.as_ref().map(|l| l.stats().wait_s / wall);
         let summary = json!({
             "arch": self.args.arch.name(), "epochs": self.state.epoch, "steps": self.state.step,
             "images": images_done, "wall_s": wall, "img_s": images_done as f64 / wall,
             "final_eval": last_eval, "best_top1": self.state.best_top1,
             "skipped_steps": self.scaler.skipped_steps,
+            "data_wait_fraction": data_wait,
+            "device": format!("{:?}", self.device),
+            "amp": self.args.amp,
+            "loader": self.args.loader,
+            "batch_size": self.args.batch_size,
             "run_dir": self.run.dir(),
         });
         self.run.write_summary(&summary)?;
@@ -438,9 +446,11 @@ impl Trainer {
     /// One optimisation step; returns (loss, images).
     fn step(&mut self, batch: Option<&Batch>, lr: f64) -> anyhow::Result<(f64, u64)> {
         let (images, labels) = match batch {
+            // Asynchronous from pinned memory; the batch (and so its memory) outlives the
+            // copy because the step ends by reading the loss, which waits for the GPU.
             Some(b) => (
-                b.images.to_device(self.device).to_kind(if self.args.amp { Kind::Half } else { Kind::Float }),
-                b.labels.to_device(self.device),
+                b.images.to_device_(self.device, if self.args.amp { Kind::Half } else { Kind::Float }, true, false),
+                b.labels.to_device_(self.device, Kind::Int64, true, false),
             ),
             None => synthetic_batch(self.args.batch_size, self.args.image_size, self.meta.num_classes, self.device, self.args.amp),
         };
