@@ -271,7 +271,6 @@ impl Trainer {
         let mut meta = CheckpointMeta::new(args.arch, num_classes);
         meta.classes = classes;
         meta.source = "convnets train".into();
-        let mut sgd = Sgd::new(&vs, args.momentum, args.weight_decay, args.nesterov);
         let mut state = TrainState {
             epoch: 0,
             step: 0,
@@ -279,14 +278,19 @@ impl Trainer {
             scaler: LossScaler::new(args.amp),
             best_top1: None,
         };
+        let mut momentum = None;
         if let Some((dir, saved)) = resume {
             convnets_models::weights::load_safetensors(&vs, dir.join(checkpoint::MODEL_NAME))?;
-            let momentum = Tensor::read_safetensors(dir.join(run_dir::OPTIMIZER_NAME))?;
-            sgd.load_state(&momentum.into_iter().collect())?;
+            momentum = Some(Tensor::read_safetensors(dir.join(run_dir::OPTIMIZER_NAME))?);
             eprintln!("resuming from {} (epoch {}, step {})", dir.display(), saved.epoch, saved.step);
             state = saved;
         }
         vs.set_device(device);
+        // After the move: the optimizer re-points the parameters at its flat buffer.
+        let mut sgd = Sgd::new(&vs, args.momentum, args.weight_decay, args.nesterov)?;
+        if let Some(m) = momentum {
+            sgd.load_state(&m.into_iter().collect())?;
+        }
         if device.is_cuda() {
             tch::Cuda::cudnn_set_benchmark(true);
         }
