@@ -84,7 +84,8 @@ fn resume_from_mid_epoch_equals_the_uninterrupted_run() -> Result<()> {
     let packed = dataset(tmp.path(), 3, 12, 3)?;
     let p = packed.to_str().unwrap();
     let (full, split) = (tmp.path().join("full"), tmp.path().join("split"));
-    let common = ["--epochs", "2", "--log-every", "1", "--warmup-epochs", "0.5", "--eval-every", "1"];
+    // Mixup and EMA on, so their state and randomness are covered by the resume too.
+    let common = ["--epochs", "2", "--log-every", "1", "--warmup-epochs", "0.5", "--eval-every", "1", "--mixup", "0.2", "--ema", "0.9"];
     convnets(&train_args(p, full.to_str().unwrap(), &common))?;
 
     // Stop after 3 steps (epoch 0 has 36/16 = 2 steps, so mid epoch 1), then resume.
@@ -97,9 +98,37 @@ fn resume_from_mid_epoch_equals_the_uninterrupted_run() -> Result<()> {
     let (a, b) = (train_losses(&full)?, train_losses(&split)?);
     assert_eq!(a.len(), 4);
     assert_eq!(a, b, "per-step losses differ after resume");
+    let evals = |run: &Path| -> Result<Vec<String>> {
+        Ok(std::fs::read_to_string(run.join("log.jsonl"))?.lines().filter(|l| l.contains("\"eval\"")).map(String::from).collect())
+    };
+    assert_eq!(evals(&full)?, evals(&split)?, "evaluations of the EMA weights differ");
+    let best = split.join("checkpoints/best");
+    assert!(best.join("ema.safetensors").is_file());
+    convnets(&["eval", "--data", p, "--checkpoint", best.to_str().unwrap(), "--device", "cpu", "--image-size", "32", "--ema"])?;
     // Starting a second run in the same folder is refused.
     let err = convnets(&train_args(p, split.to_str().unwrap(), &common)).unwrap_err();
     assert!(message(&err).contains("--resume"), "{}", message(&err));
+    Ok(())
+}
+
+#[test]
+fn recipes_set_flags_that_the_command_line_overrides() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let packed = dataset(tmp.path(), 2, 8, 2)?;
+    let run = tmp.path().join("run");
+    let recipe = tmp.path().join("recipe.toml");
+    std::fs::write(&recipe, "warmup_epochs = 0\nlr-schedule = \"step\"\nlr-steps = [1]\nlog-every = 1\n")?;
+    convnets(&train_args(packed.to_str().unwrap(), run.to_str().unwrap(), &[
+        "--recipe", "rn50-250e", "--recipe-file", recipe.to_str().unwrap(), "--epochs", "1",
+    ]))?;
+    let args: serde_json::Value = serde_json::from_slice(&std::fs::read(run.join("args.json"))?)?;
+    assert_eq!(args["epochs"], 1, "command line over recipe");
+    assert_eq!(args["arch"], "resnet18", "command line over recipe");
+    assert_eq!(args["mixup"], 0.2, "from the recipe");
+    assert_eq!(args["lr_schedule"], "Step", "from the file");
+    assert_eq!(args["lr_steps"], serde_json::json!([1.0]));
+    let e = convnets(&["train", "--recipe", "rn99", "-o", "x"]).unwrap_err();
+    assert!(message(&e).contains("rn50-90e"), "{}", message(&e));
     Ok(())
 }
 

@@ -58,6 +58,11 @@ where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
+    let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+    // Recipes become flags in front of the user's, which then override them.
+    let Some(args) = train::recipes::expand(args)? else {
+        return Ok(());
+    };
     let cli = Cli::try_parse_from(args)?;
     match cli.command {
         Command::PackImagenet(a) => pack::run(a),

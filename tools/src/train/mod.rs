@@ -3,6 +3,7 @@
 //! warm-up then cosine), fp16 autocast with dynamic loss scaling on GPU, checkpoints every
 //! epoch with exact resume, evaluation on the val split, DLLogger-style JSON logs.
 
+pub mod recipes;
 mod run_dir;
 pub mod scaler;
 pub mod schedule;
@@ -98,6 +99,22 @@ pub struct TrainArgs {
     pub nesterov: bool,
     #[arg(long, default_value_t = 0.1)]
     pub label_smoothing: f64,
+    /// Mixup alpha (0: off): each batch is blended with a shuffled copy of itself with a
+    /// weight drawn from Beta(alpha, alpha), and so are the losses of both label sets.
+    #[arg(long, default_value_t = 0.0)]
+    pub mixup: f64,
+    /// Keep an exponential moving average of the weights with this decay (e.g. 0.9999);
+    /// evaluation then uses the averaged weights.
+    #[arg(long)]
+    pub ema: Option<f64>,
+    /// A named recipe of the seed (`convnets train --recipe list` lists them); flags given
+    /// on the command line override it.
+    #[arg(long)]
+    pub recipe: Option<String>,
+    /// A TOML file of flag values (e.g. `epochs = 90`, `lr-schedule = "cosine"`); flags on
+    /// the command line override it.
+    #[arg(long)]
+    pub recipe_file: Option<PathBuf>,
     /// Loader threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
@@ -145,6 +162,7 @@ pub enum OnBadRecord {
 }
 
 #[derive(Debug, Args)]
+#[command(args_override_self = true)]
 pub struct TrainCommand {
     #[command(flatten)]
     pub args: TrainArgs,
@@ -278,18 +296,27 @@ impl Trainer {
             scaler: LossScaler::new(args.amp),
             best_top1: None,
         };
-        let mut momentum = None;
+        let (mut momentum, mut ema_state) = (None, None);
         if let Some((dir, saved)) = resume {
             convnets_models::weights::load_safetensors(&vs, dir.join(checkpoint::MODEL_NAME))?;
             momentum = Some(Tensor::read_safetensors(dir.join(run_dir::OPTIMIZER_NAME))?);
+            if args.ema.is_some() {
+                ema_state = Some(Tensor::read_safetensors(dir.join(sgd::EMA_NAME))?);
+            }
             eprintln!("resuming from {} (epoch {}, step {})", dir.display(), saved.epoch, saved.step);
             state = saved;
         }
         vs.set_device(device);
         // After the move: the optimizer re-points the parameters at its flat buffer.
         let mut sgd = Sgd::new(&vs, args.momentum, args.weight_decay, args.nesterov)?;
+        if let Some(decay) = args.ema {
+            sgd.enable_ema(decay);
+        }
         if let Some(m) = momentum {
             sgd.load_state(&m.into_iter().collect())?;
+        }
+        if let Some(ema) = ema_state {
+            sgd.load_ema_state(&ema.into_iter().collect())?;
         }
         if device.is_cuda() {
             tch::Cuda::cudnn_set_benchmark(true);
@@ -459,10 +486,16 @@ impl Trainer {
             None => synthetic_batch(self.args.batch_size, self.args.image_size, self.meta.num_classes, self.device, self.args.amp),
         };
         let n = labels.size()[0] as u64;
+        let (images, mixed_with) = self.mixup(images, &labels)?;
         self.sgd.zero_grad();
+        let smoothing = self.args.label_smoothing;
         let loss = tch::autocast(self.args.amp, || -> anyhow::Result<Tensor> {
-            let logits = self.model.f_forward_t(&images, true)?;
-            Ok(logits.to_kind(Kind::Float).f_cross_entropy_loss(&labels, None::<Tensor>, Reduction::Mean, -100, self.args.label_smoothing)?)
+            let logits = self.model.f_forward_t(&images, true)?.to_kind(Kind::Float);
+            let ce = |y: &Tensor| logits.f_cross_entropy_loss(y, None::<Tensor>, Reduction::Mean, -100, smoothing);
+            Ok(match &mixed_with {
+                Some((lambda, other)) => ce(&labels)? * *lambda + ce(other)? * (1.0 - lambda),
+                None => ce(&labels)?,
+            })
         })?;
         let scale = self.scaler.scale;
         (&loss * scale).backward();
@@ -473,9 +506,34 @@ impl Trainer {
         Ok((loss.double_value(&[]), n))
     }
 
+    /// Mixup of a batch with a shuffled copy of itself; the weight and the permutation come
+    /// from (seed, step), so a resumed run mixes exactly as the uninterrupted one.
+    fn mixup(&self, images: Tensor, labels: &Tensor) -> anyhow::Result<(Tensor, Option<(f64, Tensor)>)> {
+        if self.args.mixup <= 0.0 {
+            return Ok((images, None));
+        }
+        use rand::seq::SliceRandom;
+        use rand::SeedableRng;
+        use rand_distr::Distribution;
+        let seed = self.args.seed ^ self.state.step.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let lambda = rand_distr::Beta::new(self.args.mixup, self.args.mixup)
+            .map_err(|e| anyhow::anyhow!("--mixup {}: {e}", self.args.mixup))?
+            .sample(&mut rng);
+        let mut order: Vec<i64> = (0..labels.size()[0]).collect();
+        order.shuffle(&mut rng);
+        let perm = Tensor::from_slice(&order).to_device(self.device);
+        let mixed = &images * lambda + images.index_select(0, &perm) * (1.0 - lambda);
+        Ok((mixed, Some((lambda, labels.index_select(0, &perm)))))
+    }
+
+    /// Evaluates the averaged weights when an EMA is kept, else the live ones.
     fn evaluate(&mut self) -> anyhow::Result<EvalResult> {
         let val = self.val.clone().context("no val split")?;
-        evaluate(&self.model, val, self.loader_config(true), self.device, self.args.amp)
+        self.sgd.swap_ema();
+        let result = evaluate(&self.model, val, self.loader_config(true), self.device, self.args.amp);
+        self.sgd.swap_ema();
+        result
     }
 
     fn log(&mut self, line: serde_json::Value) -> anyhow::Result<()> {
@@ -556,6 +614,9 @@ pub struct EvalArgs {
     pub device: DeviceArg,
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Evaluate the checkpoint's moving average of the weights (ema.safetensors).
+    #[arg(long)]
+    pub ema: bool,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -565,6 +626,18 @@ pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
     let device = device_of(a.device)?;
     let memory_format = if device.is_cuda() { MemoryFormat::ChannelsLast } else { MemoryFormat::Contiguous };
     let loaded = checkpoint::load(&a.checkpoint, device, &ModelConfig { memory_format, ..ModelConfig::default() })?;
+    if a.ema {
+        let path = a.checkpoint.join(sgd::EMA_NAME);
+        let ema: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&path)
+            .with_context(|| format!("--ema: reading {}", path.display()))?
+            .into_iter()
+            .collect();
+        let _guard = tch::no_grad_guard();
+        for (name, mut var) in loaded.vs.variables().into_iter().filter(|(_, t)| t.requires_grad()) {
+            let t = ema.get(&name).with_context(|| format!("{}: no {name}", path.display()))?;
+            var.copy_(t);
+        }
+    }
     let val = open_split(&a.data, &a.split, 1)?;
     let cfg = LoaderConfig {
         sampler: SamplerConfig { shuffle: false, batch_size: a.batch_size, last_batch: LastBatch::Partial, ..Default::default() },

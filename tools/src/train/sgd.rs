@@ -31,6 +31,8 @@ pub struct Sgd {
     /// Whether each parameter's gradient is a view of `flat_grads` yet (after a backward).
     grads_attached: bool,
     momentum_buffer: Option<Tensor>,
+    /// Exponential moving average of the parameters: (decay, flat average).
+    ema: Option<(f64, Tensor)>,
     pub momentum: f64,
     pub weight_decay: f64,
     pub nesterov: bool,
@@ -71,6 +73,7 @@ impl Sgd {
             flat_grads,
             grads_attached: false,
             momentum_buffer: None,
+            ema: None,
             momentum,
             weight_decay,
             nesterov,
@@ -143,6 +146,49 @@ impl Sgd {
             d = if self.nesterov { d + &*b * self.momentum } else { b.shallow_clone() };
         }
         self.flat_params -= d * lr;
+        if let Some((decay, ema)) = &mut self.ema {
+            // ema = decay * ema + (1 - decay) * params
+            let _ = ema.lerp_(&self.flat_params, 1.0 - *decay);
+        }
+    }
+
+    /// Keeps an exponential moving average of the parameters from now on.
+    pub fn enable_ema(&mut self, decay: f64) {
+        self.ema = Some((decay, self.flat_params.detach().copy()));
+    }
+
+    /// Exchanges the parameters with their moving average (call again to swap back):
+    /// evaluation of the averaged weights without a second model.
+    pub fn swap_ema(&mut self) {
+        if let Some((_, ema)) = &mut self.ema {
+            let _guard = tch::no_grad_guard();
+            let live = self.flat_params.detach().copy();
+            self.flat_params.copy_(ema);
+            ema.copy_(&live);
+        }
+    }
+
+    /// The moving average by parameter name (contiguous, on the CPU), for checkpoints.
+    pub fn ema_state(&self) -> Vec<(String, Tensor)> {
+        let Some((_, ema)) = &self.ema else { return Vec::new() };
+        self.params
+            .iter()
+            .map(|p| (p.name.clone(), self.view(ema, p).to_device(Device::Cpu).contiguous()))
+            .collect()
+    }
+
+    pub fn load_ema_state(&mut self, state: &HashMap<String, Tensor>) -> anyhow::Result<()> {
+        let Some((_, ema)) = &self.ema else { return Ok(()) };
+        let ema = ema.shallow_clone();
+        let _guard = tch::no_grad_guard();
+        for p in &self.params {
+            let t = state.get(&p.name).with_context(|| format!("no moving average for {}", p.name))?;
+            if t.size() != p.tensor.size() {
+                bail!("moving average of {} has shape {:?}, parameter {:?}", p.name, t.size(), p.tensor.size());
+            }
+            self.view(&ema, p).copy_(t);
+        }
+        Ok(())
     }
 
     /// Momentum buffers by parameter name (contiguous, on the CPU), for checkpoints.
@@ -175,11 +221,12 @@ impl Sgd {
         Ok(())
     }
 
+    /// Writes the momentum buffers (and, next to them, the moving average when kept).
     pub fn save(&self, path: &std::path::Path) -> anyhow::Result<()> {
-        let state = self.state();
-        let tmp = convnets_formats::atomic::temp_path(path);
-        Tensor::write_safetensors(&state, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+        write_named(path, &self.state())?;
+        if self.ema.is_some() {
+            write_named(&path.with_file_name(EMA_NAME), &self.ema_state())?;
+        }
         Ok(())
     }
 
@@ -187,6 +234,16 @@ impl Sgd {
     pub fn numel(&self) -> i64 {
         self.params.iter().map(|p| p.numel).sum()
     }
+}
+
+/// File of the moving average in a checkpoint folder (parameter names as in the model).
+pub const EMA_NAME: &str = "ema.safetensors";
+
+fn write_named(path: &std::path::Path, state: &[(String, Tensor)]) -> anyhow::Result<()> {
+    let tmp = convnets_formats::atomic::temp_path(path);
+    Tensor::write_safetensors(state, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
 }
 
 #[cfg(test)]
