@@ -17,6 +17,12 @@ use crate::source::open_split;
 pub enum BenchCommand {
     /// Loader-only throughput: how fast batches come out, nothing consumes them.
     Loader(LoaderBenchArgs),
+    /// Compute-only: forward + backward + optimizer on synthetic data on the device.
+    Train(crate::bench_model::TrainBenchArgs),
+    /// Loader and model together, with a verdict on which one limits.
+    E2e(crate::bench_model::E2eBenchArgs),
+    /// Inference throughput and latency percentiles per batch size.
+    Infer(crate::bench_model::InferBenchArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -92,6 +98,9 @@ pub struct LoaderBenchArgs {
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Loader(a) => loader(a),
+        BenchCommand::Train(a) => crate::bench_model::train(a),
+        BenchCommand::E2e(a) => crate::bench_model::e2e(a),
+        BenchCommand::Infer(a) => crate::bench_model::infer(a),
     }
 }
 

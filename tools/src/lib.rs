@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bench;
+pub mod bench_model;
 pub mod checkpoint;
 mod dataset_cmds;
 mod devices;

@@ -1,0 +1,121 @@
+//! `convnets bench` run as a user would: the reported numbers are consistent, and the e2e
+//! verdict flips between input-bound and compute-bound on constructed cases.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use convnets_formats::RecordSource;
+use convnets_tools::bench_model::{e2e_measure, E2eBenchArgs};
+
+fn convnets(args: &[&str]) -> Result<String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_convnets")).args(args).output()?;
+    if !out.status.success() {
+        bail!("convnets {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+fn json(args: &[&str]) -> Result<serde_json::Value> {
+    let mut all = args.to_vec();
+    all.push("--json");
+    Ok(serde_json::from_str(&convnets(&all)?)?)
+}
+
+/// A packed synthetic dataset whose images are `size` pixels on a side.
+fn dataset(dir: &Path, size: u32, per_class: u32) -> Result<String> {
+    let images = dir.join("images");
+    let packed = dir.join("packed");
+    convnets(&["synth", "--output", images.to_str().unwrap(), "--classes", "2", "--train-per-class",
+        &per_class.to_string(), "--val-per-class", "0", "--size", &size.to_string()])?;
+    convnets(&["pack-imagenet", "-i", images.to_str().unwrap(), "-o", packed.to_str().unwrap(), "-q", "--no-decode-check"])?;
+    Ok(packed.to_str().context("utf-8 path")?.to_string())
+}
+
+#[test]
+fn loader_numbers_add_up() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let data = dataset(tmp.path(), 64, 20)?;
+    let d = json(&["bench", "loader", "--data", &data, "--batch-size", "4", "--threads", "2",
+        "--image-size", "32", "--epochs", "3", "--warmup-batches", "2"])?;
+    let (images, batches) = (d["images"].as_u64().context("images")?, d["batches"].as_u64().context("batches")?);
+    assert_eq!(images, batches * 4, "images = batches x batch size");
+    assert_eq!(batches, 3 * 10 - 2, "three epochs of 10 batches, 2 of warm-up");
+    let wall = d["wall_s"].as_f64().context("wall")?;
+    let threads = d["settings"]["threads"].as_f64().context("threads")?;
+    let stages: f64 = ["read", "decode", "augment"].iter().map(|s| d["stage_thread_s"][s].as_f64().unwrap_or(-1.0)).sum();
+    assert!(stages > 0.0 && stages <= wall * threads * 1.05, "stage time {stages} in {wall} s x {threads} threads");
+    let rate = d["images_per_s"].as_f64().context("rate")?;
+    assert!((rate * wall - images as f64).abs() < 1.0);
+    Ok(())
+}
+
+/// Records served `delay` late: a deliberately slow loader.
+struct Slow(std::sync::Arc<dyn RecordSource>, std::time::Duration);
+
+impl RecordSource for Slow {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn meta(&self, i: usize) -> convnets_formats::Result<convnets_formats::RecordMeta> {
+        self.0.meta(i)
+    }
+    fn record(&self, i: usize) -> convnets_formats::Result<convnets_formats::Record> {
+        std::thread::sleep(self.1);
+        self.0.record(i)
+    }
+    fn locate(&self, i: usize) -> convnets_formats::Result<(std::path::PathBuf, u64)> {
+        self.0.locate(i)
+    }
+}
+
+#[test]
+fn e2e_verdict_flips_between_input_and_compute_bound() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let data = dataset(tmp.path(), 48, 8)?;
+    let source = convnets_tools::source::open_split(Path::new(&data), "train", 1)?;
+    let args = |arch: &str, size: &str| -> Result<E2eBenchArgs> {
+        let cli = Probe::try_parse_from(["probe", "--data", &data, "--arch", arch, "--batch-size", "8",
+            "--image-size", size, "--threads", "1", "--steps", "3", "--warmup-steps", "1", "--device", "cpu"])?;
+        Ok(cli.args)
+    };
+    // 100 ms per record on one thread (< 10 img/s) feeding resnet18 at 16x16: input-bound.
+    let slow: std::sync::Arc<dyn RecordSource> = std::sync::Arc::new(Slow(source.clone(), std::time::Duration::from_millis(100)));
+    let d = e2e_measure(slow, &args("resnet18", "16")?)?;
+    assert_eq!(d["input_bound"], true, "{d}");
+    assert!(d["verdict"].as_str().unwrap_or("").starts_with("input-bound"), "{d}");
+    assert!(d["data_wait_fraction"].as_f64().unwrap_or(0.0) > 0.2, "{d}");
+
+    // The same records at full speed feeding resnet50 at 96x96: compute-bound.
+    let d = e2e_measure(source, &args("resnet50", "96")?)?;
+    assert_eq!(d["input_bound"], false, "{d}");
+    assert!(d["verdict"].as_str().unwrap_or("").starts_with("compute-bound"), "{d}");
+    // The CLI prints the same document.
+    let d = json(&["bench", "e2e", "--data", &data, "--arch", "resnet18", "--batch-size", "4", "--image-size", "16",
+        "--threads", "1", "--steps", "2", "--warmup-steps", "1", "--device", "cpu"])?;
+    assert!(d["verdict"].is_string() && d["images_per_s"].as_f64().unwrap_or(0.0) > 0.0, "{d}");
+    Ok(())
+}
+
+#[derive(clap::Parser)]
+struct Probe {
+    #[command(flatten)]
+    args: E2eBenchArgs,
+}
+
+#[test]
+fn train_and_infer_report_their_figures() -> Result<()> {
+    let d = json(&["bench", "train", "--arch", "resnet18", "--batch-size", "2", "--image-size", "32",
+        "--steps", "2", "--warmup-steps", "1", "--device", "cpu"])?;
+    assert!(d["images_per_s"].as_f64().unwrap_or(0.0) > 0.0, "{d}");
+    let d = json(&["bench", "infer", "--arch", "resnet18", "--batch-sizes", "1,2", "--image-size", "32",
+        "--iters", "3", "--warmup", "1", "--device", "cpu"])?;
+    let rows = d["results"].as_array().context("results")?;
+    assert_eq!(rows.len(), 2);
+    for r in rows {
+        let l = &r["latency_ms"];
+        assert!(l["p50"].as_f64() <= l["p90"].as_f64() && l["p90"].as_f64() <= l["p99"].as_f64(), "{r}");
+    }
+    Ok(())
+}
