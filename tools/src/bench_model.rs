@@ -18,16 +18,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::bench::machine;
 use crate::source::open_split;
-use crate::train::DeviceArg;
-
-fn device_of(d: DeviceArg) -> anyhow::Result<Device> {
-    Ok(match d {
-        DeviceArg::Cpu => Device::Cpu,
-        DeviceArg::Auto => Device::cuda_if_available(),
-        DeviceArg::Cuda if tch::Cuda::is_available() => Device::Cuda(0),
-        DeviceArg::Cuda => bail!("--device cuda: libtorch sees no GPU"),
-    })
-}
+use crate::train::{device_of, DeviceArg};
 
 fn print(doc: &serde_json::Value, json_out: bool, table: impl FnOnce()) -> anyhow::Result<()> {
     if json_out {

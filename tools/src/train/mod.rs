@@ -231,7 +231,8 @@ fn check_args(args: &TrainArgs) -> anyhow::Result<()> {
     }
 }
 
-fn device_of(arg: DeviceArg) -> anyhow::Result<Device> {
+/// The device a `--device` flag names, refusing `cuda` when libtorch sees no GPU.
+pub(crate) fn device_of(arg: DeviceArg) -> anyhow::Result<Device> {
     Ok(match arg {
         DeviceArg::Cpu => Device::Cpu,
         DeviceArg::Auto => Device::cuda_if_available(),
