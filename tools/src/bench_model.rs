@@ -14,7 +14,7 @@ use convnets_pipeline::plan::RandomResizedCrop;
 use convnets_pipeline::sampler::SamplerConfig;
 use serde_json::json;
 use tch::nn::{ModuleT, OptimizerConfig, Sgd, VarStore};
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 use crate::bench::machine;
 use crate::source::open_split;
