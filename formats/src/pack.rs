@@ -143,10 +143,8 @@ struct Item {
     size: u64,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 enum Origin {
-    #[default]
-    None,
     File(PathBuf),
     /// Record `index` of the split's TFRecord source.
     TfRecord(usize),
@@ -560,7 +558,6 @@ fn read_item(split: &SplitInput, item: &Item) -> Result<Bytes> {
                 .ok_or_else(|| Error::Invalid("TFRecord item without a source".into()))?;
             Ok(source.record(*i)?.data)
         }
-        Origin::None => Err(Error::Invalid(format!("{}: item has no origin", item.name))),
     }
 }
 

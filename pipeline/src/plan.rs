@@ -115,6 +115,15 @@ impl Default for CenterCrop {
 }
 
 impl CenterCrop {
+    /// The evaluation transform for a `crop`-pixel output: the shorter side resized to
+    /// `crop * 8 / 7` (256 for 224, torchvision's ImageNet ratio), rounded up.
+    pub fn for_crop(crop: u32) -> Self {
+        Self {
+            resize: (crop * 8).div_ceil(7),
+            crop,
+        }
+    }
+
     /// The source window that `Resize(resize)` + `CenterCrop(crop)` keeps.
     pub fn plan(&self, width: u32, height: u32) -> CropWindow {
         let (wf, hf) = (f64::from(width), f64::from(height));
@@ -188,6 +197,7 @@ mod tests {
 
     #[test]
     fn center_crop_matches_resize_then_crop() {
+        assert_eq!(CenterCrop::for_crop(224), CenterCrop::default());
         let c = CenterCrop::default().plan(500, 375);
         // Resized to 341x256; crop 224 starts at (58.5 -> 58, 16).
         let s = 375.0 / 256.0;

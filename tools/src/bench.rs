@@ -6,12 +6,13 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
 use convnets_pipeline::cpu::augment::{Layout, OutputDtype, OutputSpec};
-use convnets_pipeline::loader::{BadRecordPolicy, Loader, LoaderConfig, LoaderState, Transform};
+use convnets_pipeline::loader::{Loader, LoaderConfig, LoaderState, Transform};
 use convnets_pipeline::plan::{CenterCrop, RandomResizedCrop};
 use convnets_pipeline::sampler::{LastBatch, SamplerConfig};
 use serde_json::json;
 
 use crate::source::open_split;
+use crate::train::OnBadRecord;
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -29,12 +30,6 @@ pub enum BenchCommand {
 pub enum LoaderKind {
     Cpu,
     Gpu,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum OnBadRecord {
-    Error,
-    Skip,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -122,10 +117,7 @@ fn loader(a: LoaderBenchArgs) -> anyhow::Result<()> {
             last_batch: LastBatch::Drop,
         },
         transform: if a.eval {
-            Transform::Eval(CenterCrop {
-                resize: (a.image_size * 8).div_ceil(7),
-                crop: a.image_size,
-            })
+            Transform::Eval(CenterCrop::for_crop(a.image_size))
         } else {
             Transform::Train(RandomResizedCrop::default())
         },
@@ -145,10 +137,7 @@ fn loader(a: LoaderBenchArgs) -> anyhow::Result<()> {
         },
         threads: a.threads,
         prefetch: a.prefetch,
-        on_bad_record: match a.on_bad_record {
-            OnBadRecord::Error => BadRecordPolicy::Error,
-            OnBadRecord::Skip => BadRecordPolicy::Skip,
-        },
+        on_bad_record: a.on_bad_record.into(),
         ..LoaderConfig::default()
     };
     let mut loader = Loader::new(split, cfg, LoaderState::default())

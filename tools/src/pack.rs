@@ -133,8 +133,6 @@ pub fn run(a: PackArgs) -> anyhow::Result<()> {
 
     if !a.quiet {
         for (name, s) in &report.splits {
-            let shards_bytes: u64 = 0;
-            let _ = shards_bytes;
             println!(
                 "{name}: {} records in {} shards ({} kept as is, {} re-encoded, {} skipped, {} rejected{})",
                 s.records,

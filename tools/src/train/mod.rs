@@ -161,6 +161,15 @@ pub enum OnBadRecord {
     Skip,
 }
 
+impl From<OnBadRecord> for BadRecordPolicy {
+    fn from(o: OnBadRecord) -> Self {
+        match o {
+            OnBadRecord::Error => BadRecordPolicy::Error,
+            OnBadRecord::Skip => BadRecordPolicy::Skip,
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 #[command(args_override_self = true)]
 pub struct TrainCommand {
@@ -350,7 +359,7 @@ impl Trainer {
                 last_batch: if eval { LastBatch::Partial } else { LastBatch::Drop },
             },
             transform: if eval {
-                Transform::Eval(CenterCrop { resize: (self.args.image_size * 8).div_ceil(7), crop: self.args.image_size })
+                Transform::Eval(CenterCrop::for_crop(self.args.image_size))
             } else {
                 Transform::Train(RandomResizedCrop::default())
             },
@@ -364,10 +373,7 @@ impl Trainer {
             },
             threads: self.args.threads,
             prefetch: 3,
-            on_bad_record: match self.args.on_bad_record {
-                OnBadRecord::Error => BadRecordPolicy::Error,
-                OnBadRecord::Skip => BadRecordPolicy::Skip,
-            },
+            on_bad_record: self.args.on_bad_record.into(),
             pin_memory: cuda.then_some(self.device),
             ..LoaderConfig::default()
         }
@@ -642,7 +648,7 @@ pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
     let val = open_split(&a.data, &a.split, 1)?;
     let cfg = LoaderConfig {
         sampler: SamplerConfig { shuffle: false, batch_size: a.batch_size, last_batch: LastBatch::Partial, ..Default::default() },
-        transform: Transform::Eval(CenterCrop { resize: (a.image_size * 8).div_ceil(7), crop: a.image_size }),
+        transform: Transform::Eval(CenterCrop::for_crop(a.image_size)),
         output: OutputSpec {
             width: a.image_size,
             height: a.image_size,
