@@ -4,7 +4,8 @@
 //!   [`ResNet`] (a [`tch::nn::ModuleT`]), built under an `nn::Path` with torchvision/timm names.
 //! - [`registry`]: `--arch` names to constructors ([`Arch`], [`registry::build`]).
 //! - [`weights`]: strict safetensors load/save ([`weights::load_safetensors`],
-//!   [`weights::save_safetensors`]).
+//!   [`weights::save_safetensors`]; [`weights::load_tensors_except`] leaves named tensors out,
+//!   e.g. the classifier when fine-tuning onto another class count).
 //! - [`init`]: the initialisation recipe; [`layout`]: channels_last (NHWC) helpers.
 //! - [`bench`]: a training-step throughput measurement for the GPU runs.
 //!

@@ -6,6 +6,7 @@
 //! Loading is strict, like `load_state_dict(strict=True)`: every name the model has must be in
 //! the file with the same shape, and the file may hold nothing else. One exception, also
 //! PyTorch's: a missing `*.num_batches_tracked` (files from PyTorch < 0.4.1) is set to 0.
+//! [`load_tensors_except`] is as strict about every name but those it is told to leave out.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -88,7 +89,30 @@ pub fn read_safetensors(path: impl AsRef<Path>) -> Result<HashMap<String, Tensor
 pub fn load_safetensors(vs: &VarStore, path: impl AsRef<Path>) -> Result<LoadSummary> {
     let path = path.as_ref();
     let file = read_safetensors(path)?;
-    let model = vs.variables();
+    load_tensors_except(vs, path, &file, &[])
+}
+
+/// [`load_safetensors`] for tensors already read from `path` (named in errors), except the
+/// names in `except`: those are neither required nor loaded, on either side, and keep the
+/// model's values. Fine-tuning onto another class count passes `["fc.weight", "fc.bias"]`.
+/// Everything else is as strict as [`load_safetensors`].
+pub fn load_tensors_except(
+    vs: &VarStore,
+    path: &Path,
+    file: &HashMap<String, Tensor>,
+    except: &[&str],
+) -> Result<LoadSummary> {
+    let kept = |name: &String| !except.contains(&name.as_str());
+    let model: HashMap<String, Tensor> = vs
+        .variables()
+        .into_iter()
+        .filter(|(name, _)| kept(name))
+        .collect();
+    let file: HashMap<String, Tensor> = file
+        .iter()
+        .filter(|(name, _)| kept(name))
+        .map(|(name, t)| (name.clone(), t.shallow_clone()))
+        .collect();
     let report = compare(&model, &file);
     if !report.is_empty() {
         return Err(Error::WeightMismatch {
@@ -203,6 +227,40 @@ mod tests {
             other => panic!("expected a mismatch, got {other:?}"),
         }
         assert!(wrong.variables()["conv1.weight"].f_equal(&before)?);
+        Ok(())
+    }
+
+    #[test]
+    fn except_leaves_named_tensors_alone() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let vs = VarStore::new(Device::Cpu);
+        let _model = resnet18(&vs.root(), 10, &ModelConfig::default())?;
+        let path = dir.path().join("r18.safetensors");
+        save_safetensors(&vs, &path)?;
+        let file = read_safetensors(&path)?;
+
+        // Another class count: the classifier is left out, everything else loads.
+        let other = VarStore::new(Device::Cpu);
+        let _model = resnet18(&other.root(), 3, &ModelConfig::default())?;
+        let fc_before = other.variables()["fc.weight"].f_detach_copy()?;
+        let summary = load_tensors_except(&other, &path, &file, &["fc.weight", "fc.bias"])?;
+        assert_eq!(summary.loaded, 120);
+        let (a, b) = (vs.variables(), other.variables());
+        assert!(a["layer4.1.conv2.weight"].f_equal(&b["layer4.1.conv2.weight"])?);
+        assert!(b["fc.weight"].f_equal(&fc_before)?);
+        assert_eq!(b["fc.weight"].size(), [3, 512]);
+
+        // Excepting the classifier does not excuse any other mismatch.
+        let wrong = VarStore::new(Device::Cpu);
+        let _model = crate::resnet::resnet34(&wrong.root(), 3, &ModelConfig::default())?;
+        let err = load_tensors_except(&wrong, &path, &file, &["fc.weight", "fc.bias"])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("layer1.2.conv1.weight") && !err.contains("fc."),
+            "{err}"
+        );
         Ok(())
     }
 

@@ -25,11 +25,20 @@ pub fn gpus() -> Result<Vec<GpuInfo>> {
     imp::gpus()
 }
 
+/// Bytes of GPU `index`'s memory in use, by every process (the driver's free/total).
+pub fn memory_in_use(index: usize) -> Result<u64> {
+    imp::memory_in_use(index)
+}
+
 #[cfg(not(feature = "cuda"))]
 mod imp {
     use super::*;
 
     pub fn gpus() -> Result<Vec<GpuInfo>> {
+        Err(Error::BuiltWithoutCuda { what: "the GPU path" })
+    }
+
+    pub fn memory_in_use(_index: usize) -> Result<u64> {
         Err(Error::BuiltWithoutCuda { what: "the GPU path" })
     }
 }
@@ -62,6 +71,15 @@ mod imp {
             });
         }
         Ok(out)
+    }
+
+    pub fn memory_in_use(index: usize) -> Result<u64> {
+        if !driver_present() {
+            return Err(Error::Cuda("no CUDA driver (libcuda.so.1 not found)".into()));
+        }
+        let ctx = CudaContext::new(index).map_err(cuda)?;
+        let (free, total) = ctx.mem_get_info().map_err(cuda)?;
+        Ok((total - free) as u64)
     }
 
     fn driver_present() -> bool {

@@ -12,6 +12,8 @@
 
 pub mod cpu;
 pub mod device;
+#[cfg(feature = "cuda")]
+mod gpu;
 pub mod loader;
 pub mod plan;
 pub mod sampler;

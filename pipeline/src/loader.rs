@@ -54,12 +54,52 @@ pub enum BadRecordPolicy {
     Skip,
 }
 
+/// Which decoder and augmenter make the batches.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub enum Backend {
+    /// libjpeg-turbo and the CPU augmenter on `threads` threads; batches in host memory.
+    #[default]
+    Cpu,
+    /// nvJPEG (hardware JPEG engines first, CPU threads for what they cannot take) and
+    /// one fused augment kernel per batch; batches in GPU memory. Needs the `cuda` feature.
+    Gpu(GpuOptions),
+}
+
+/// Settings of the GPU path.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct GpuOptions {
+    /// CUDA device index.
+    pub device: usize,
+    /// Batches decoded at once, each by its own lane (nvJPEG state, CUDA stream, buffers).
+    /// 0: the default, 4.
+    pub lanes: usize,
+    /// Share of the images the hardware decoder can take that it gets (like DALI's
+    /// `hw_decoder_load`); the rest go to the CPU threads. `None`: a split that keeps the
+    /// JPEG engines and the CPU threads both busy, from the number of CPU threads.
+    pub hardware_share: Option<f64>,
+    /// Decode only the crop window's region (training transform) on the hardware decoder.
+    pub roi: bool,
+}
+
+impl Default for GpuOptions {
+    fn default() -> Self {
+        Self {
+            device: 0,
+            lanes: 0,
+            hardware_share: None,
+            roi: true,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct LoaderConfig {
+    pub backend: Backend,
     pub sampler: SamplerConfig,
     pub transform: Transform,
     pub output: OutputSpec,
-    /// Decode + augment threads (0: one per core).
+    /// Decode + augment threads (0: one per core). On the GPU path these decode what the
+    /// hardware decoder does not.
     pub threads: usize,
     /// Finished batches kept ready ahead of the consumer.
     pub prefetch: usize,
@@ -69,12 +109,14 @@ pub struct LoaderConfig {
     /// Check each record's CRC32C before decoding it.
     pub verify_crc: bool,
     /// Allocate batch memory page-locked, for fast (and asynchronous) copies to this GPU.
+    /// (CPU path; GPU batches are in device memory already.)
     pub pin_memory: Option<Device>,
 }
 
 impl Default for LoaderConfig {
     fn default() -> Self {
         Self {
+            backend: Backend::Cpu,
             sampler: SamplerConfig::default(),
             transform: Transform::Train(RandomResizedCrop::default()),
             output: OutputSpec {
@@ -121,27 +163,78 @@ pub struct LoaderStats {
     /// Fetching record bytes and checking CRCs.
     pub read_s: f64,
     pub decode_s: f64,
+    /// Host thread-seconds of the augment step (on the GPU path: building and queueing
+    /// the batch's kernel).
     pub augment_s: f64,
+    /// GPU seconds of the fused augment kernel (GPU path).
+    pub augment_gpu_s: f64,
     /// Time the consumer waited in `next_batch`.
     pub wait_s: f64,
     /// Mean number of finished batches waiting when the consumer asked for one.
     pub mean_ready_batches: f64,
     /// Bytes of encoded images read.
     pub bytes_read: u64,
+    /// Images decoded by the GPU's hardware JPEG decoder.
+    pub decoded_hardware: u64,
+    /// Images decoded on CPU threads (all of them on the CPU path).
+    pub decoded_cpu: u64,
+    /// Thread-seconds the GPU path's lanes spent in nvJPEG's batched hardware decode call.
+    pub hardware_decode_s: f64,
+    /// Hardware batches that failed twice and were decoded on the CPU instead.
+    pub hardware_batch_failures: u64,
+    /// The last error of a hardware batch (retried once, then decoded on the CPU).
+    pub hardware_last_error: Option<String>,
+    /// GPU memory held by the loader's own buffers: decode arenas, parameters, and the
+    /// output batches it may have in flight (GPU path).
+    pub gpu_buffer_bytes: u64,
 }
 
 #[derive(Default)]
-struct Counters {
-    batches: AtomicU64,
-    samples: AtomicU64,
-    skipped: AtomicU64,
-    read_ns: AtomicU64,
-    decode_ns: AtomicU64,
-    augment_ns: AtomicU64,
-    wait_ns: AtomicU64,
-    ready_sum: AtomicU64,
-    ready_n: AtomicU64,
-    bytes_read: AtomicU64,
+pub(crate) struct Counters {
+    pub batches: AtomicU64,
+    pub samples: AtomicU64,
+    pub skipped: AtomicU64,
+    pub read_ns: AtomicU64,
+    pub decode_ns: AtomicU64,
+    pub augment_ns: AtomicU64,
+    pub augment_gpu_ns: AtomicU64,
+    pub wait_ns: AtomicU64,
+    pub ready_sum: AtomicU64,
+    pub ready_n: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub decoded_hardware: AtomicU64,
+    pub decoded_cpu: AtomicU64,
+    pub hardware_ns: AtomicU64,
+    pub hardware_batch_failures: AtomicU64,
+    pub hardware_last_error: Mutex<Option<String>>,
+    pub gpu_buffer_bytes: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn stats(&self, threads: usize) -> LoaderStats {
+        let s = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64 * 1e-9;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let n = get(&self.ready_n).max(1) as f64;
+        LoaderStats {
+            threads,
+            batches: get(&self.batches),
+            samples: get(&self.samples),
+            skipped: get(&self.skipped),
+            read_s: s(&self.read_ns),
+            decode_s: s(&self.decode_ns),
+            augment_s: s(&self.augment_ns),
+            augment_gpu_s: s(&self.augment_gpu_ns),
+            wait_s: s(&self.wait_ns),
+            mean_ready_batches: get(&self.ready_sum) as f64 / n,
+            bytes_read: get(&self.bytes_read),
+            decoded_hardware: get(&self.decoded_hardware),
+            decoded_cpu: get(&self.decoded_cpu),
+            hardware_decode_s: s(&self.hardware_ns),
+            hardware_batch_failures: get(&self.hardware_batch_failures),
+            hardware_last_error: lock(&self.hardware_last_error).clone(),
+            gpu_buffer_bytes: get(&self.gpu_buffer_bytes),
+        }
+    }
 }
 
 /// The metadata of the batch a slot currently holds.
@@ -196,11 +289,32 @@ pub struct Batch {
     pub samples: Vec<Sample>,
     /// Samples replaced because their record could not be decoded (skip policy).
     pub skipped: Vec<bool>,
-    slot: Option<Arc<Slot>>,
-    free: Sender<Arc<Slot>>,
+    /// The CPU path's reused memory, and where to return it.
+    slot: Option<(Arc<Slot>, Sender<Arc<Slot>>)>,
 }
 
 impl Batch {
+    /// A batch owning its tensors (the GPU path's).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn owned(
+        images: Tensor,
+        labels: Tensor,
+        epoch: u64,
+        index: usize,
+        samples: Vec<Sample>,
+        skipped: Vec<bool>,
+    ) -> Self {
+        Self {
+            images,
+            labels,
+            epoch,
+            index,
+            samples,
+            skipped,
+            slot: None,
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.samples.len()
     }
@@ -217,30 +331,182 @@ impl Batch {
 
 impl Drop for Batch {
     fn drop(&mut self) {
-        if let Some(slot) = self.slot.take() {
+        if let Some((slot, free)) = self.slot.take() {
             if let Ok(mut job) = slot.job.lock() {
                 // Hand the vectors back so the next batch reuses their capacity.
                 job.samples = std::mem::take(&mut self.samples);
                 job.skipped = std::mem::take(&mut self.skipped);
             }
-            let _ = self.free.send(slot);
+            let _ = free.send(slot);
         }
     }
 }
 
 /// The loader of one rank. Threads start in `new` and are joined on drop.
 pub struct Loader {
+    inner: Inner,
+}
+
+enum Inner {
+    Cpu(CpuLoader),
+    #[cfg(feature = "cuda")]
+    Gpu(crate::gpu::GpuLoader),
+}
+
+impl Loader {
+    /// Starts the loader's threads, positioned at `state`. `cfg.backend` picks the CPU or
+    /// the GPU path.
+    pub fn new(source: Arc<dyn RecordSource>, cfg: LoaderConfig, state: LoaderState) -> Result<Self> {
+        let inner = match cfg.backend {
+            Backend::Cpu => Inner::Cpu(CpuLoader::new(source, cfg, state)?),
+            #[cfg(feature = "cuda")]
+            Backend::Gpu(gpu) => Inner::Gpu(crate::gpu::GpuLoader::new(source, cfg, gpu, state)?),
+            #[cfg(not(feature = "cuda"))]
+            Backend::Gpu(_) => return Err(Error::BuiltWithoutCuda { what: "the GPU loader" }),
+        };
+        Ok(Self { inner })
+    }
+
+    /// Batches per epoch for this rank.
+    pub fn batches_per_epoch(&self) -> usize {
+        self.position().batches_per_epoch
+    }
+
+    /// The epoch the next batch belongs to.
+    pub fn epoch(&self) -> u64 {
+        self.position().epoch
+    }
+
+    /// The position after the last batch returned; save it to resume exactly.
+    pub fn state(&self) -> LoaderState {
+        self.position().state
+    }
+
+    pub fn output(&self) -> &OutputSpec {
+        match &self.inner {
+            Inner::Cpu(l) => &l.output,
+            #[cfg(feature = "cuda")]
+            Inner::Gpu(l) => l.output(),
+        }
+    }
+
+    /// The next batch of the current epoch, or `None` at the epoch's end (the following
+    /// call starts the next epoch).
+    pub fn next_batch(&mut self) -> Option<Result<Batch>> {
+        match &mut self.inner {
+            Inner::Cpu(l) => l.next_batch(),
+            #[cfg(feature = "cuda")]
+            Inner::Gpu(l) => l.next_batch(),
+        }
+    }
+
+    /// Counters since the loader started.
+    pub fn stats(&self) -> LoaderStats {
+        match &self.inner {
+            Inner::Cpu(l) => l.counters.stats(l.worker_count),
+            #[cfg(feature = "cuda")]
+            Inner::Gpu(l) => l.stats(),
+        }
+    }
+
+    /// Records skipped in the batches returned so far (skip policy), emptied by the call.
+    pub fn take_skipped(&mut self) -> Vec<SkippedRecord> {
+        match &mut self.inner {
+            Inner::Cpu(l) => std::mem::take(&mut l.skipped),
+            #[cfg(feature = "cuda")]
+            Inner::Gpu(l) => l.take_skipped(),
+        }
+    }
+
+    fn position(&self) -> &Position {
+        match &self.inner {
+            Inner::Cpu(l) => &l.position,
+            #[cfg(feature = "cuda")]
+            Inner::Gpu(l) => l.position(),
+        }
+    }
+}
+
+/// The epoch being delivered and the resume position, the same for both paths.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Position {
+    pub epoch: u64,
+    pub state: LoaderState,
+    pub batches_per_epoch: usize,
+}
+
+impl Position {
+    pub fn new(state: LoaderState, batches_per_epoch: usize) -> Self {
+        Self {
+            epoch: state.epoch,
+            state,
+            batches_per_epoch,
+        }
+    }
+
+    /// Takes batch `index` of `epoch` if it belongs to the epoch being delivered (and
+    /// moves the state past it); otherwise starts that epoch and returns false: the
+    /// caller holds the batch back and reports the end of the current epoch.
+    pub fn advance(&mut self, epoch: u64, index: usize) -> bool {
+        if epoch != self.epoch {
+            self.epoch = epoch;
+            return false;
+        }
+        self.state = if index + 1 == self.batches_per_epoch {
+            LoaderState {
+                epoch: epoch + 1,
+                batch: 0,
+            }
+        } else {
+            LoaderState {
+                epoch,
+                batch: index + 1,
+            }
+        };
+        true
+    }
+}
+
+/// Checks what both paths need and makes the sampler.
+pub(crate) fn sampler_for(
+    source: &dyn RecordSource,
+    cfg: &LoaderConfig,
+    state: LoaderState,
+) -> Result<Sampler> {
+    let sampler = Sampler::new(source.len(), cfg.sampler.clone())?;
+    let batches_per_epoch = sampler.batches_per_epoch();
+    if batches_per_epoch == 0 {
+        return Err(Error::Config(format!(
+            "{} records make no batch of {} for rank {} of {}",
+            source.len(),
+            cfg.sampler.batch_size,
+            cfg.sampler.rank,
+            cfg.sampler.world_size
+        )));
+    }
+    if state.batch >= batches_per_epoch {
+        return Err(Error::Config(format!(
+            "resume position batch {} is past the epoch's {batches_per_epoch} batches",
+            state.batch
+        )));
+    }
+    if cfg.output.width == 0 || cfg.output.height == 0 {
+        return Err(Error::Config("output size must be at least 1x1".into()));
+    }
+    Ok(sampler)
+}
+
+/// The CPU path.
+struct CpuLoader {
     ready: Receiver<Arc<Slot>>,
     free: Sender<Arc<Slot>>,
     stop: Option<Sender<()>>,
     threads: Vec<JoinHandle<()>>,
     reorder: BTreeMap<u64, Arc<Slot>>,
     next_seq: u64,
-    /// The epoch `next_batch` is in, and a batch of the next epoch read ahead.
-    epoch: u64,
+    position: Position,
+    /// A batch of the next epoch, read ahead.
     pending: Option<Arc<Slot>>,
-    state: LoaderState,
-    batches_per_epoch: usize,
     counters: Arc<Counters>,
     /// Records skipped in the batches delivered so far.
     skipped: Vec<SkippedRecord>,
@@ -248,28 +514,10 @@ pub struct Loader {
     output: OutputSpec,
 }
 
-impl Loader {
-    pub fn new(source: Arc<dyn RecordSource>, cfg: LoaderConfig, state: LoaderState) -> Result<Self> {
-        let sampler = Sampler::new(source.len(), cfg.sampler.clone())?;
+impl CpuLoader {
+    fn new(source: Arc<dyn RecordSource>, cfg: LoaderConfig, state: LoaderState) -> Result<Self> {
+        let sampler = sampler_for(source.as_ref(), &cfg, state)?;
         let batches_per_epoch = sampler.batches_per_epoch();
-        if batches_per_epoch == 0 {
-            return Err(Error::Config(format!(
-                "{} records make no batch of {} for rank {} of {}",
-                source.len(),
-                cfg.sampler.batch_size,
-                cfg.sampler.rank,
-                cfg.sampler.world_size
-            )));
-        }
-        if state.batch >= batches_per_epoch {
-            return Err(Error::Config(format!(
-                "resume position batch {} is past the epoch's {batches_per_epoch} batches",
-                state.batch
-            )));
-        }
-        if cfg.output.width == 0 || cfg.output.height == 0 {
-            return Err(Error::Config("output size must be at least 1x1".into()));
-        }
         let workers = if cfg.threads == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         } else {
@@ -317,10 +565,8 @@ impl Loader {
             threads,
             reorder: BTreeMap::new(),
             next_seq: 0,
-            epoch: state.epoch,
+            position: Position::new(state, batches_per_epoch),
             pending: None,
-            state,
-            batches_per_epoch,
             counters,
             skipped: Vec::new(),
             worker_count: workers,
@@ -328,28 +574,7 @@ impl Loader {
         })
     }
 
-    /// Batches per epoch for this rank.
-    pub fn batches_per_epoch(&self) -> usize {
-        self.batches_per_epoch
-    }
-
-    /// The epoch the next batch belongs to.
-    pub fn epoch(&self) -> u64 {
-        self.epoch
-    }
-
-    /// The position after the last batch returned; save it to resume exactly.
-    pub fn state(&self) -> LoaderState {
-        self.state
-    }
-
-    pub fn output(&self) -> &OutputSpec {
-        &self.output
-    }
-
-    /// The next batch of the current epoch, or `None` at the epoch's end (the following
-    /// call starts the next epoch).
-    pub fn next_batch(&mut self) -> Option<Result<Batch>> {
+    fn next_batch(&mut self) -> Option<Result<Batch>> {
         let slot = match self.pending.take() {
             Some(slot) => slot,
             None => match self.next_in_order() {
@@ -361,22 +586,10 @@ impl Loader {
             let job = lock(&slot.job);
             (job.epoch, job.index)
         };
-        if epoch != self.epoch {
+        if !self.position.advance(epoch, index) {
             self.pending = Some(slot);
-            self.epoch = epoch;
             return None;
         }
-        self.state = if index + 1 == self.batches_per_epoch {
-            LoaderState {
-                epoch: epoch + 1,
-                batch: 0,
-            }
-        } else {
-            LoaderState {
-                epoch,
-                batch: index + 1,
-            }
-        };
         Some(self.wrap(slot))
     }
 
@@ -428,8 +641,7 @@ impl Loader {
             index,
             samples,
             skipped,
-            slot: Some(slot),
-            free: self.free.clone(),
+            slot: Some((slot, self.free.clone())),
         };
         if let Some(e) = error {
             return Err(e); // `batch` drops here and returns the slot
@@ -439,32 +651,9 @@ impl Loader {
         Ok(batch)
     }
 
-    /// Counters since the loader started.
-    pub fn stats(&self) -> LoaderStats {
-        let c = &self.counters;
-        let s = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64 * 1e-9;
-        let n = c.ready_n.load(Ordering::Relaxed).max(1) as f64;
-        LoaderStats {
-            threads: self.worker_count,
-            batches: c.batches.load(Ordering::Relaxed),
-            samples: c.samples.load(Ordering::Relaxed),
-            skipped: c.skipped.load(Ordering::Relaxed),
-            read_s: s(&c.read_ns),
-            decode_s: s(&c.decode_ns),
-            augment_s: s(&c.augment_ns),
-            wait_s: s(&c.wait_ns),
-            mean_ready_batches: c.ready_sum.load(Ordering::Relaxed) as f64 / n,
-            bytes_read: c.bytes_read.load(Ordering::Relaxed),
-        }
-    }
-
-    /// Records skipped in the batches returned so far (skip policy), emptied by the call.
-    pub fn take_skipped(&mut self) -> Vec<SkippedRecord> {
-        std::mem::take(&mut self.skipped)
-    }
 }
 
-impl Drop for Loader {
+impl Drop for CpuLoader {
     fn drop(&mut self) {
         // Closing the stop channel wakes the planner; it drops the task sender, and the
         // workers finish what they hold and exit.
@@ -667,6 +856,7 @@ impl WorkerContext {
         let c = &self.counters;
         c.read_ns.fetch_add((t1 - t0).as_nanos() as u64, Ordering::Relaxed);
         c.decode_ns.fetch_add((t2 - t1).as_nanos() as u64, Ordering::Relaxed);
+        c.decoded_cpu.fetch_add(1, Ordering::Relaxed);
         c.augment_ns.fetch_add((t3 - t2).as_nanos() as u64, Ordering::Relaxed);
         c.bytes_read.fetch_add(record.data.len() as u64, Ordering::Relaxed);
         Ok(())

@@ -6,11 +6,13 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
 use convnets_pipeline::cpu::augment::{Layout, OutputDtype, OutputSpec};
-use convnets_pipeline::loader::{Loader, LoaderConfig, LoaderState, Transform};
+use convnets_pipeline::loader::{Backend, Loader, LoaderConfig, LoaderState, Transform};
 use convnets_pipeline::plan::{CenterCrop, RandomResizedCrop};
 use convnets_pipeline::sampler::{LastBatch, SamplerConfig};
 use serde_json::json;
 
+use crate::gpu_loader_args::GpuLoaderArgs;
+use crate::page_cache;
 use crate::source::open_split;
 use crate::train::OnBadRecord;
 
@@ -57,9 +59,12 @@ pub struct LoaderBenchArgs {
     pub split: String,
     #[arg(long, value_enum, default_value_t = LoaderKind::Cpu)]
     pub loader: LoaderKind,
+    #[command(flatten)]
+    pub gpu: GpuLoaderArgs,
     #[arg(long, default_value_t = 256)]
     pub batch_size: usize,
-    /// Decode threads (0: one per core).
+    /// Decode threads (0: one per core); with --loader gpu, for what the hardware decoder
+    /// does not take.
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
     #[arg(long, default_value_t = 224)]
@@ -85,6 +90,10 @@ pub struct LoaderBenchArgs {
     /// What a record that fails to decode does: fail the run, or be skipped and counted.
     #[arg(long, value_enum, default_value_t = OnBadRecord::Error)]
     pub on_bad_record: OnBadRecord,
+    /// Evict the split's files from the page cache first (posix_fadvise DONTNEED; no root
+    /// needed), so the run reads them from the disk.
+    #[arg(long)]
+    pub drop_cache: bool,
     /// Print one JSON document.
     #[arg(long)]
     pub json: bool,
@@ -100,14 +109,19 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
 }
 
 fn loader(a: LoaderBenchArgs) -> anyhow::Result<()> {
-    if a.loader == LoaderKind::Gpu {
-        // The GPU loader is not part of this build yet; say so rather than fall back.
+    let gpu = a.loader == LoaderKind::Gpu;
+    if gpu {
+        // A clear "built without CUDA" / "no GPU" before anything else.
         convnets_pipeline::device::gpus()?;
-        bail!("the GPU loader is not available in this version; use --loader cpu");
     }
+    // Before the split is opened: pages under a live mapping are not evicted.
+    let evicted = a.drop_cache.then(|| page_cache::evict_split(&a.data, &a.split)).transpose()?;
     let split = open_split(&a.data, &a.split, a.label_offset)?;
     let records = split.len();
+    // What opening read back in (index pages; a TFRecord folder is read through to index it).
+    let drop_cache = evicted.map(|(files, e)| (page_cache::resident_bytes(&files), e));
     let cfg = LoaderConfig {
+        backend: if gpu { Backend::Gpu(a.gpu.options(0)) } else { Backend::Cpu },
         sampler: SamplerConfig {
             seed: 0,
             shuffle: !a.eval,
@@ -173,10 +187,17 @@ fn loader(a: LoaderBenchArgs) -> anyhow::Result<()> {
         }
         drop(batch);
         if let Limit::Time(t) = limit {
+            if gpu && seen > a.warmup_batches && start.elapsed() >= t {
+                // Count only batches the GPU has finished.
+                tch::Cuda::synchronize(0);
+            }
             if seen > a.warmup_batches && start.elapsed() >= t {
                 break;
             }
         }
+    }
+    if gpu {
+        tch::Cuda::synchronize(0);
     }
     let wall = start.elapsed().as_secs_f64();
     if measured_batches == 0 {
@@ -195,13 +216,18 @@ fn loader(a: LoaderBenchArgs) -> anyhow::Result<()> {
         "machine": machine(),
         "version": env!("CARGO_PKG_VERSION"),
         "settings": {
-            "data": a.data, "split": a.split, "records": records, "loader": "cpu",
+            "data": a.data, "split": a.split, "records": records,
+            "loader": if gpu { "gpu" } else { "cpu" },
+            "gpu": gpu.then_some(a.gpu),
             "batch_size": a.batch_size, "threads": stats.threads, "image_size": a.image_size,
             "dtype": format!("{:?}", a.dtype).to_lowercase(),
             "layout": format!("{:?}", a.layout).to_lowercase(),
             "transform": if a.eval { "eval" } else { "train" },
-            "prefetch": a.prefetch, "warmup_batches": a.warmup_batches,
+            "prefetch": a.prefetch, "warmup_batches": a.warmup_batches, "drop_cache": a.drop_cache,
         },
+        // True only when --drop-cache evicted every file of the split.
+        "cold": drop_cache.as_ref().is_some_and(|(_, e)| e.cold()),
+        "drop_cache": drop_cache.as_ref().map(|(at_start, e)| e.to_json(*at_start)),
         "images": measured_images,
         "batches": measured_batches,
         "wall_s": wall,
@@ -213,9 +239,22 @@ fn loader(a: LoaderBenchArgs) -> anyhow::Result<()> {
             "decode": d(stats.decode_s, base.decode_s),
             "augment": d(stats.augment_s, base.augment_s),
         },
+        // GPU-seconds of the fused augment kernel (GPU loader).
+        "augment_gpu_s": d(stats.augment_gpu_s, base.augment_gpu_s),
+        "hardware_decode_thread_s": d(stats.hardware_decode_s, base.hardware_decode_s),
         "consumer_wait_s": d(stats.wait_s, base.wait_s),
         "mean_ready_batches": stats.mean_ready_batches,
-        "decoder_split": { "cpu": measured_images, "hardware": 0, "hybrid": 0 },
+        "decoder_split": {
+            "cpu": stats.decoded_cpu - base.decoded_cpu,
+            "hardware": stats.decoded_hardware - base.decoded_hardware,
+            "hardware_batch_failures": stats.hardware_batch_failures,
+        },
+        "gpu_memory": gpu.then(|| json!({
+            // The loader's own buffers (arenas, parameters, output batches in flight).
+            "loader_buffers_mib": stats.gpu_buffer_bytes as f64 / 1048576.0,
+            // Everything in use on the GPU (nvJPEG's buffers and libtorch's cache included).
+            "device_in_use_mib": convnets_pipeline::device::memory_in_use(0).ok().map(|b| b as f64 / 1048576.0),
+        })),
         "skipped": stats.skipped,
         "skipped_records": skipped_records,
         "peak_rss_mib": peak_rss_mib(),
@@ -223,7 +262,11 @@ fn loader(a: LoaderBenchArgs) -> anyhow::Result<()> {
     if a.json {
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
-        println!("loader cpu  {} threads  batch {}  {}x{} {:?} {:?}", stats.threads, a.batch_size, a.image_size, a.image_size, a.dtype, a.layout);
+        println!(
+            "loader {}  {} threads  batch {}  {}x{} {:?} {:?}",
+            if gpu { "gpu" } else { "cpu" },
+            stats.threads, a.batch_size, a.image_size, a.image_size, a.dtype, a.layout
+        );
         println!("  {:>10.0} images/s   {:>8.1} MB/s encoded   {} images in {:.1} s", img_s, mb_s, measured_images, wall);
         println!(
             "  thread-s: read {:.2}  decode {:.2}  augment {:.2}   consumer waited {:.2} s   ready queue {:.1}",
@@ -233,6 +276,17 @@ fn loader(a: LoaderBenchArgs) -> anyhow::Result<()> {
             d(stats.wait_s, base.wait_s),
             stats.mean_ready_batches
         );
+        println!(
+            "  decoded: {} on the hardware decoder, {} on CPU threads",
+            stats.decoded_hardware - base.decoded_hardware,
+            stats.decoded_cpu - base.decoded_cpu
+        );
+        if gpu {
+            println!("  GPU memory: loader buffers {:.0} MiB", stats.gpu_buffer_bytes as f64 / 1048576.0);
+        }
+        if let Some((at_start, e)) = &drop_cache {
+            println!("  {}", page_cache::describe(e, *at_start));
+        }
     }
     Ok(())
 }

@@ -9,14 +9,15 @@ use clap::Args;
 use convnets_models::bench::{measure, BenchConfig};
 use convnets_models::{Arch, MemoryFormat, ModelConfig};
 use convnets_pipeline::cpu::augment::{Layout, OutputDtype, OutputSpec};
-use convnets_pipeline::loader::{Loader, LoaderConfig, LoaderState, Transform};
+use convnets_pipeline::loader::{Backend, Loader, LoaderConfig, LoaderState, Transform};
 use convnets_pipeline::plan::RandomResizedCrop;
 use convnets_pipeline::sampler::SamplerConfig;
 use serde_json::json;
 use tch::nn::{ModuleT, OptimizerConfig, Sgd, VarStore};
 use tch::{Kind, Tensor};
 
-use crate::bench::machine;
+use crate::bench::{machine, LoaderKind};
+use crate::gpu_loader_args::GpuLoaderArgs;
 use crate::source::open_split;
 use crate::train::{device_of, DeviceArg};
 
@@ -86,6 +87,10 @@ pub struct E2eBenchArgs {
     /// Loader threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    #[arg(long, value_enum, default_value_t = LoaderKind::Cpu)]
+    pub loader: LoaderKind,
+    #[command(flatten)]
+    pub gpu: GpuLoaderArgs,
     #[arg(long)]
     pub amp: bool,
     #[arg(long, default_value_t = 3)]
@@ -113,7 +118,13 @@ pub fn e2e(a: E2eBenchArgs) -> anyhow::Result<()> {
 /// The measurement behind `bench e2e`, on any record source (`a.data` is not used).
 pub fn e2e_measure(source: std::sync::Arc<dyn convnets_formats::RecordSource>, a: &E2eBenchArgs) -> anyhow::Result<serde_json::Value> {
     let device = device_of(a.device)?;
+    let gpu = a.loader == LoaderKind::Gpu;
+    if gpu && !device.is_cuda() {
+        convnets_pipeline::device::gpus()?;
+        bail!("--loader gpu needs a GPU (--device cuda or auto)");
+    }
     let cfg = LoaderConfig {
+        backend: if gpu { Backend::Gpu(a.gpu.options(0)) } else { Backend::Cpu },
         sampler: SamplerConfig { batch_size: a.batch_size, ..Default::default() },
         transform: Transform::Train(RandomResizedCrop::default()),
         output: OutputSpec {
@@ -124,7 +135,7 @@ pub fn e2e_measure(source: std::sync::Arc<dyn convnets_formats::RecordSource>, a
             normalize: Some(Default::default()),
         },
         threads: a.threads,
-        pin_memory: device.is_cuda().then_some(device),
+        pin_memory: (device.is_cuda() && !gpu).then_some(device),
         ..LoaderConfig::default()
     };
     let total = a.warmup_steps + a.steps;
@@ -189,7 +200,7 @@ pub fn e2e_measure(source: std::sync::Arc<dyn convnets_formats::RecordSource>, a
         format!("compute-bound: the loader delivers {loader_img_s:.0} img/s, the model consumes {model_img_s:.0} img/s; the input pipeline keeps up")
     };
     Ok(json!({"bench": "e2e", "machine": machine(), "arch": a.arch.name(), "batch_size": a.batch_size,
-        "image_size": a.image_size, "amp": a.amp, "device": format!("{device:?}"), "loader": "cpu",
+        "image_size": a.image_size, "amp": a.amp, "device": format!("{device:?}"), "loader": if gpu { "gpu" } else { "cpu" },
         "loader_threads": a.threads, "steps": a.steps,
         "images_per_s": e2e_img_s, "loader_only_images_per_s": loader_img_s, "model_only_images_per_s": model_img_s,
         "data_wait_fraction": wait_fraction, "input_bound": input_bound, "verdict": verdict}))

@@ -1,7 +1,11 @@
 //! The model part of a checkpoint folder: `model.safetensors` (parameter and buffer names as
 //! in torchvision/timm) and `checkpoint.json` (format, architecture, number of classes,
 //! class names). Training adds optimizer and loader state beside these.
+//!
+//! Commands that take a checkpoint (`eval`, `predict`, `train --init-from`) go through
+//! [`resolve`], so a run folder works too: its `best` checkpoint, else its latest.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
@@ -9,7 +13,7 @@ use convnets_formats::ClassInfo;
 use convnets_models::{weights, Arch, ModelConfig};
 use serde::{Deserialize, Serialize};
 use tch::nn::VarStore;
-use tch::Device;
+use tch::{Device, Tensor};
 
 pub const META_NAME: &str = "checkpoint.json";
 pub const MODEL_NAME: &str = "model.safetensors";
@@ -70,6 +74,97 @@ pub struct LoadedModel {
     pub meta: CheckpointMeta,
     pub vs: VarStore,
     pub model: convnets_models::resnet::ResNet,
+}
+
+/// The checkpoint folder `path` names: itself when it holds `checkpoint.json`; for a run
+/// folder (one with `checkpoints/`), its `best` checkpoint, else its latest `step-N`.
+pub fn resolve(path: &Path) -> anyhow::Result<PathBuf> {
+    if !path.exists() {
+        bail!("{}: no such checkpoint or run folder", path.display());
+    }
+    if path.join(META_NAME).is_file() {
+        return Ok(path.to_path_buf());
+    }
+    let root = path.join("checkpoints");
+    if !root.is_dir() {
+        bail!(
+            "{} is neither a checkpoint folder (no {META_NAME}) nor a run folder (no checkpoints/)",
+            path.display()
+        );
+    }
+    if root.join("best").join(META_NAME).is_file() {
+        return Ok(root.join("best"));
+    }
+    let entries = std::fs::read_dir(&root).with_context(|| format!("reading {}", root.display()))?;
+    let latest = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let step = e.file_name().to_str()?.strip_prefix("step-")?.parse::<u64>().ok()?;
+            e.path().join(META_NAME).is_file().then(|| (step, e.path()))
+        })
+        .max_by_key(|(step, _)| *step);
+    match latest {
+        Some((_, dir)) => Ok(dir),
+        None => bail!("{}: the run holds no finished checkpoint yet", path.display()),
+    }
+}
+
+/// The class count of a ResNet-family state_dict: the rows of `fc.weight`.
+pub fn num_classes_of(file: &HashMap<String, Tensor>, path: &Path) -> anyhow::Result<i64> {
+    let fc = file.get("fc.weight").with_context(|| {
+        format!("{}: no fc.weight, so not a ResNet-family state_dict", path.display())
+    })?;
+    match fc.size().as_slice() {
+        [n, _] => Ok(*n),
+        shape => bail!("{}: fc.weight has shape {shape:?}, expected [classes, features]", path.display()),
+    }
+}
+
+/// Loads a checkpoint folder (after [`resolve`]) or a bare safetensors state_dict, which
+/// needs `arch` and has no class names. A given `arch` must match the checkpoint's.
+pub fn load_any(path: &Path, arch: Option<Arch>, device: Device, cfg: &ModelConfig) -> anyhow::Result<LoadedModel> {
+    if !path.is_file() {
+        let loaded = load(&resolve(path)?, device, cfg)?;
+        if let Some(arch) = arch {
+            if arch.name() != loaded.meta.arch {
+                bail!("{} holds {} weights, not {}", path.display(), loaded.meta.arch, arch.name());
+            }
+        }
+        return Ok(loaded);
+    }
+    let arch = arch.with_context(|| format!("{} is a weights file: say which model with --arch", path.display()))?;
+    let file = weights::read_safetensors(path)?;
+    let num_classes = num_classes_of(&file, path)?;
+    let mut vs = VarStore::new(Device::Cpu);
+    let model = arch.build(&vs.root(), num_classes, cfg)?;
+    weights::load_tensors_except(&vs, path, &file, &[])
+        .with_context(|| format!("{} is not a {} state_dict", path.display(), arch.name()))?;
+    vs.set_device(device);
+    let mut meta = CheckpointMeta::new(arch, num_classes);
+    meta.source = path.display().to_string();
+    Ok(LoadedModel { meta, vs, model })
+}
+
+/// Replaces the parameters of `vs` with the moving average kept in the checkpoint folder
+/// `dir` (`ema.safetensors`). Parameters absent from it (a frozen backbone, whose average is
+/// itself) keep their weights.
+pub fn apply_ema(vs: &VarStore, dir: &Path) -> anyhow::Result<()> {
+    let path = dir.join(crate::train::sgd::EMA_NAME);
+    let ema = Tensor::read_safetensors(&path).with_context(|| format!("--ema: reading {}", path.display()))?;
+    let vars = vs.variables();
+    let _guard = tch::no_grad_guard();
+    for (name, t) in ema {
+        let mut var = vars
+            .get(&name)
+            .filter(|v| v.requires_grad())
+            .with_context(|| format!("{}: {name} is not a parameter of the model", path.display()))?
+            .shallow_clone();
+        if var.size() != t.size() {
+            bail!("{}: {name} has shape {:?}, the model {:?}", path.display(), t.size(), var.size());
+        }
+        var.copy_(&t);
+    }
+    Ok(())
 }
 
 pub fn load(dir: &Path, device: Device, cfg: &ModelConfig) -> anyhow::Result<LoadedModel> {

@@ -11,8 +11,11 @@ pub mod bench_model;
 pub mod checkpoint;
 mod dataset_cmds;
 mod devices;
+pub mod gpu_loader_args;
 mod pack;
+mod page_cache;
 mod plot;
+pub mod predict;
 pub mod source;
 pub mod synth;
 pub mod train;
@@ -40,6 +43,8 @@ pub enum Command {
     Train(train::TrainCommand),
     /// Top-1/top-5 accuracy and loss of a checkpoint on a dataset's val split.
     Eval(train::EvalArgs),
+    /// Top-k classes of JPEG files (or folders of them) under a trained checkpoint.
+    Predict(predict::PredictArgs),
     /// Turn a torchvision/timm safetensors state_dict into a checkpoint folder.
     ImportWeights(weights_cmds::ImportArgs),
     /// Write a checkpoint's weights as a torchvision/timm safetensors state_dict.
@@ -73,6 +78,7 @@ where
         Command::Bench(c) => bench::run(c),
         Command::Train(c) => train::train(c),
         Command::Eval(a) => train::eval(a),
+        Command::Predict(a) => predict::run(a),
         Command::ImportWeights(a) => weights_cmds::import(a),
         Command::ExportWeights(a) => weights_cmds::export(a),
         Command::Synth(a) => synth::run(a),

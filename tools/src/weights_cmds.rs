@@ -31,13 +31,7 @@ pub struct ImportArgs {
 
 pub fn import(a: ImportArgs) -> anyhow::Result<()> {
     let file = weights::read_safetensors(&a.weights)?;
-    let fc = file.get("fc.weight").with_context(|| {
-        format!("{}: no fc.weight, so not a ResNet-family state_dict", a.weights.display())
-    })?;
-    let num_classes = match fc.size().as_slice() {
-        [n, _] => *n,
-        shape => bail!("{}: fc.weight has shape {shape:?}, expected [classes, features]", a.weights.display()),
-    };
+    let num_classes = checkpoint::num_classes_of(&file, &a.weights)?;
     drop(file);
     let vs = VarStore::new(Device::Cpu);
     a.arch.build(&vs.root(), num_classes, &ModelConfig::default())?;

@@ -51,6 +51,48 @@ fn loader_numbers_add_up() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn drop_cache_evicts_the_split_and_reports_it() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let data = dataset(tmp.path(), 64, 10)?;
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(Path::new(&data).join("manifest.json"))?)?;
+    let shards = manifest["splits"]["train"]["shards"].as_array().context("train shards")?;
+    let shard_bytes: u64 = shards.iter().filter_map(|s| s["bytes"].as_u64()).sum();
+    let args = ["bench", "loader", "--data", &data, "--batch-size", "4", "--threads", "1", "--image-size", "32",
+        "--epochs", "1", "--warmup-batches", "1"];
+
+    let d = json(&[&args[..], &["--drop-cache"]].concat())?;
+    assert_eq!(d["settings"]["drop_cache"], true, "{d}");
+    let dc = &d["drop_cache"];
+    assert_eq!(dc["files"].as_u64(), Some(shards.len() as u64), "{d}");
+    assert_eq!(dc["bytes"].as_u64(), Some(shard_bytes), "{d}");
+    let after = dc["resident_after_bytes"].as_u64().context("resident after")?;
+    let cold = d["cold"].as_bool().context("cold")?;
+    let failed = dc["failed"].as_array().context("failed")?;
+    assert_eq!(cold, failed.is_empty() && after == 0, "{d}");
+    assert!(dc["resident_at_start_bytes"].as_u64().context("at start")? <= shard_bytes, "{d}");
+    assert!(d["images"].as_u64().unwrap_or(0) > 0, "{d}");
+    // No root needed: on a disk file system the files leave the page cache (tmpfs pages cannot).
+    if !on_tmpfs(tmp.path()) {
+        assert!(cold, "eviction failed on a disk file system: {d}");
+    }
+
+    let d = json(&args)?;
+    assert_eq!(d["cold"], false, "{d}");
+    assert!(d["drop_cache"].is_null(), "{d}");
+    Ok(())
+}
+
+/// Whether `path` lies on a tmpfs, whose pages are the files themselves.
+fn on_tmpfs(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else { return false };
+    // SAFETY: statfs writes into the zeroed struct we own; the path is NUL-terminated.
+    let mut s: libc::statfs = unsafe { std::mem::zeroed() };
+    unsafe { libc::statfs(c.as_ptr(), &mut s) == 0 && s.f_type as i64 == TMPFS_MAGIC }
+}
+
 /// Records served `delay` late: a deliberately slow loader.
 struct Slow(std::sync::Arc<dyn RecordSource>, std::time::Duration);
 

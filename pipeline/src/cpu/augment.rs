@@ -139,7 +139,21 @@ impl OutputSpec {
             .saturating_mul(3 * self.dtype.size())
     }
 
-    fn check(&self) -> Result<(), AugmentError> {
+    /// Per-channel `(scale, offset)` with `out = v * scale + offset` for a `u8` level `v`:
+    /// `(v / 255 - mean) / std == v * (1 / (255 std)) + (-mean / std)`.
+    pub fn scale_offset(&self) -> ([f32; 3], [f32; 3]) {
+        let (mut s, mut o) = ([1.0f32 / 255.0; 3], [0.0f32; 3]);
+        if let Some(norm) = &self.normalize {
+            for c in 0..3 {
+                let std = f64::from(norm.std[c]);
+                s[c] = (1.0 / (255.0 * std)) as f32;
+                o[c] = (-f64::from(norm.mean[c]) / std) as f32;
+            }
+        }
+        (s, o)
+    }
+
+    pub(crate) fn check(&self) -> Result<(), AugmentError> {
         if self.width == 0 || self.height == 0 {
             return Err(AugmentError::EmptyOutput {
                 width: self.width,
@@ -224,16 +238,16 @@ pub enum WindowEdges {
 /// One axis of a crop: the source pixels `lo..hi` the filter may read, and the window
 /// `in0..in1` in coordinates relative to `lo` (Pillow's `box`).
 #[derive(Clone, Copy, Debug)]
-struct Span {
-    lo: usize,
-    hi: usize,
-    in0: f64,
-    in1: f64,
+pub(crate) struct Span {
+    pub lo: usize,
+    pub hi: usize,
+    pub in0: f64,
+    pub in1: f64,
 }
 
 impl Span {
     /// `None` if the window `start..start + len` is empty, not finite or outside `0..size`.
-    fn new(start: f64, len: f64, size: u32, edges: WindowEdges) -> Option<Span> {
+    pub(crate) fn new(start: f64, len: f64, size: u32, edges: WindowEdges) -> Option<Span> {
         let size = f64::from(size);
         let end = start + len;
         if !(start.is_finite() && len.is_finite() && len > 0.0)
@@ -259,7 +273,7 @@ impl Span {
         })
     }
 
-    fn len(&self) -> f64 {
+    pub(crate) fn len(&self) -> f64 {
         self.in1 - self.in0
     }
 }
@@ -502,15 +516,7 @@ impl RowOutput {
         if spec.dtype == OutputDtype::F16 {
             self.row_f16.resize(n, f16::ZERO);
         }
-        // (v / 255 - mean) / std == v * (1 / (255 std)) + (-mean / std)
-        let (mut s, mut o) = ([1.0f32 / 255.0; 3], [0.0f32; 3]);
-        if let Some(norm) = &spec.normalize {
-            for c in 0..3 {
-                let std = f64::from(norm.std[c]);
-                s[c] = (1.0 / (255.0 * std)) as f32;
-                o[c] = (-f64::from(norm.mean[c]) / std) as f32;
-            }
-        }
+        let (s, o) = spec.scale_offset();
         self.scale.clear();
         self.offset.clear();
         for _ in 0..spec.width {

@@ -2,7 +2,9 @@
 //! 3.0517578125e-05 without BN/bias, label smoothing 0.1, LR 0.256 per 256 images with
 //! warm-up then cosine), fp16 autocast with dynamic loss scaling on GPU, checkpoints every
 //! epoch with exact resume, evaluation on the val split, DLLogger-style JSON logs.
+//! Fine-tuning: `--init-from`, `--freeze-backbone`, `--backbone-lr-scale` (finetune.rs).
 
+pub mod finetune;
 pub mod recipes;
 mod run_dir;
 pub mod scaler;
@@ -19,7 +21,7 @@ use clap::{Args, ValueEnum};
 use convnets_formats::RecordSource;
 use convnets_models::{Arch, MemoryFormat, ModelConfig};
 use convnets_pipeline::cpu::augment::{Layout, OutputDtype, OutputSpec};
-use convnets_pipeline::loader::{BadRecordPolicy, Batch, Loader, LoaderConfig, LoaderState, Transform};
+use convnets_pipeline::loader::{Backend, BadRecordPolicy, Batch, Loader, LoaderConfig, LoaderState, Transform};
 use convnets_pipeline::plan::{CenterCrop, RandomResizedCrop};
 use convnets_pipeline::sampler::{LastBatch, SamplerConfig};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -29,6 +31,7 @@ use tch::nn::{ModuleT, VarStore};
 use tch::{Device, Kind, Reduction, Tensor};
 
 use crate::checkpoint::{self, CheckpointMeta};
+use crate::gpu_loader_args::GpuLoaderArgs;
 use crate::source::open_split;
 use run_dir::RunDir;
 use scaler::LossScaler;
@@ -70,6 +73,9 @@ pub struct TrainArgs {
     pub arch: Arch,
     #[arg(long, value_enum, default_value_t = LoaderKind::Cpu)]
     pub loader: LoaderKind,
+    #[command(flatten)]
+    #[serde(default)]
+    pub gpu: GpuLoaderArgs,
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     pub device: DeviceArg,
     /// fp16 autocast with dynamic loss scaling (GPU only).
@@ -135,9 +141,29 @@ pub struct TrainArgs {
     /// Stop after this many steps in total (for short runs and tests).
     #[arg(long)]
     pub max_steps: Option<u64>,
+    /// Start from these weights: a checkpoint or run folder, or a safetensors state_dict
+    /// with torchvision/timm names. A classifier (fc) of another class count than the
+    /// dataset's is not loaded but initialised afresh; any other mismatch is an error.
+    #[arg(long)]
+    #[serde(default)]
+    pub init_from: Option<PathBuf>,
+    /// Train the classifier (fc.*) only: the backbone's parameters are frozen and its BN
+    /// layers run in eval mode, so their running statistics do not change either.
+    #[arg(long)]
+    #[serde(default)]
+    pub freeze_backbone: bool,
+    /// The backbone's LR as a multiple of the LR (the classifier keeps the full LR).
+    #[arg(long, default_value_t = 1.0)]
+    #[serde(default = "one")]
+    pub backbone_lr_scale: f64,
     /// Run folder: log.jsonl, summary.json, checkpoints/.
     #[arg(long, short)]
     pub output: PathBuf,
+}
+
+/// Serde default of `backbone_lr_scale` (runs saved before it existed).
+fn one() -> f64 {
+    1.0
 }
 
 /// `Arch` in JSON as its `--arch` name.
@@ -215,6 +241,9 @@ pub fn train(cmd: TrainCommand) -> anyhow::Result<()> {
         (args, Some((dir, state)))
     } else {
         check_args(&cmd.args)?;
+        if let Some(source) = &cmd.args.init_from {
+            finetune::weights_file(source, cmd.args.arch)?;
+        }
         run.create(&cmd.args)?;
         (cmd.args, None)
     };
@@ -230,11 +259,23 @@ fn check_args(args: &TrainArgs) -> anyhow::Result<()> {
     if args.batch_size == 0 || args.epochs == 0 {
         bail!("--batch-size and --epochs must be at least 1");
     }
+    if !(args.backbone_lr_scale.is_finite() && args.backbone_lr_scale >= 0.0) {
+        bail!("--backbone-lr-scale must be a finite number >= 0, got {}", args.backbone_lr_scale);
+    }
+    if args.freeze_backbone && args.backbone_lr_scale != 1.0 {
+        bail!("--backbone-lr-scale has no effect with --freeze-backbone (the backbone does not train); drop one");
+    }
     match (args.loader, &args.data) {
         (LoaderKind::Cpu, None) => bail!("--loader cpu needs --data DATASET"),
-        (LoaderKind::Gpu, _) => {
+        (LoaderKind::Gpu, data) => {
             convnets_pipeline::device::gpus()?;
-            bail!("--loader gpu is not available in this version; use --loader cpu or synthetic")
+            if !device.is_cuda() {
+                bail!("--loader gpu puts batches on the GPU: it needs --device cuda (or auto with a GPU)");
+            }
+            if data.is_none() {
+                bail!("--loader gpu needs --data DATASET");
+            }
+            Ok(())
         }
         _ => Ok(()),
     }
@@ -276,7 +317,7 @@ impl Trainer {
         check_args(&args)?;
         let device = device_of(args.device)?;
         let (train, val, classes) = match (&args.loader, &args.data) {
-            (LoaderKind::Cpu, Some(data)) => {
+            (LoaderKind::Cpu | LoaderKind::Gpu, Some(data)) => {
                 let train = open_split(data, "train", 1)?;
                 let val = if args.eval_every > 0 { Some(open_split(data, "val", 1)?) } else { None };
                 let classes = convnets_formats::Dataset::open(data)
@@ -307,6 +348,10 @@ impl Trainer {
             best_top1: None,
         };
         let (mut momentum, mut ema_state) = (None, None);
+        // A resumed run's weights come from its checkpoint, not from --init-from.
+        if let (Some(source), None) = (&args.init_from, &resume) {
+            finetune::init_from(&vs, source, args.arch)?;
+        }
         if let Some((dir, saved)) = resume {
             convnets_models::weights::load_safetensors(&vs, dir.join(checkpoint::MODEL_NAME))?;
             momentum = Some(Tensor::read_safetensors(dir.join(run_dir::OPTIMIZER_NAME))?);
@@ -317,8 +362,12 @@ impl Trainer {
             state = saved;
         }
         vs.set_device(device);
+        if args.freeze_backbone {
+            finetune::freeze_backbone(&vs);
+        }
         // After the move: the optimizer re-points the parameters at its flat buffer.
         let mut sgd = Sgd::new(&vs, args.momentum, args.weight_decay, args.nesterov)?;
+        sgd.backbone_lr_scale = args.backbone_lr_scale;
         if let Some(decay) = args.ema {
             sgd.enable_ema(decay);
         }
@@ -349,7 +398,9 @@ impl Trainer {
 
     fn loader_config(&self, eval: bool) -> LoaderConfig {
         let cuda = self.device.is_cuda();
+        let gpu = self.args.loader == LoaderKind::Gpu;
         LoaderConfig {
+            backend: if gpu { Backend::Gpu(self.args.gpu.options(0)) } else { Backend::Cpu },
             sampler: SamplerConfig {
                 seed: self.args.seed,
                 shuffle: !eval,
@@ -374,7 +425,7 @@ impl Trainer {
             threads: self.args.threads,
             prefetch: 3,
             on_bad_record: self.args.on_bad_record.into(),
-            pin_memory: cuda.then_some(self.device),
+            pin_memory: (cuda && !gpu).then_some(self.device),
             ..LoaderConfig::default()
         }
     }
@@ -496,8 +547,10 @@ impl Trainer {
         let (images, mixed_with) = self.mixup(images, &labels)?;
         self.sgd.zero_grad();
         let smoothing = self.args.label_smoothing;
+        // A frozen backbone's BN layers use (and keep) their running statistics.
+        let train_bn = !self.args.freeze_backbone;
         let loss = tch::autocast(self.args.amp, || -> anyhow::Result<Tensor> {
-            let logits = self.model.f_forward_t(&images, true)?.to_kind(Kind::Float);
+            let logits = self.model.f_forward_t(&images, train_bn)?.to_kind(Kind::Float);
             let ce = |y: &Tensor| logits.f_cross_entropy_loss(y, None::<Tensor>, Reduction::Mean, -100, smoothing);
             Ok(match &mixed_with {
                 Some((lambda, other)) => ce(&labels)? * *lambda + ce(other)? * (1.0 - lambda),
@@ -608,7 +661,8 @@ pub struct EvalArgs {
     /// Dataset folder (or TFRecord folder) whose val split is evaluated.
     #[arg(long)]
     pub data: PathBuf,
-    /// Checkpoint folder (a run's checkpoints/step-N or best, or import-weights output).
+    /// Checkpoint folder (a run's checkpoints/step-N or best, or import-weights output), or
+    /// a run folder (its best checkpoint, else the latest).
     #[arg(long)]
     pub checkpoint: PathBuf,
     #[arg(long, default_value = "val")]
@@ -621,6 +675,11 @@ pub struct EvalArgs {
     pub device: DeviceArg,
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// `gpu`: decode and transform on the GPU (nvJPEG + fused kernel).
+    #[arg(long, value_enum, default_value_t = LoaderKind::Cpu)]
+    pub loader: LoaderKind,
+    #[command(flatten)]
+    pub gpu: GpuLoaderArgs,
     /// Evaluate the checkpoint's moving average of the weights (ema.safetensors).
     #[arg(long)]
     pub ema: bool,
@@ -632,21 +691,20 @@ pub struct EvalArgs {
 pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
     let device = device_of(a.device)?;
     let memory_format = if device.is_cuda() { MemoryFormat::ChannelsLast } else { MemoryFormat::Contiguous };
-    let loaded = checkpoint::load(&a.checkpoint, device, &ModelConfig { memory_format, ..ModelConfig::default() })?;
+    let dir = checkpoint::resolve(&a.checkpoint)?;
+    let loaded = checkpoint::load(&dir, device, &ModelConfig { memory_format, ..ModelConfig::default() })?;
     if a.ema {
-        let path = a.checkpoint.join(sgd::EMA_NAME);
-        let ema: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&path)
-            .with_context(|| format!("--ema: reading {}", path.display()))?
-            .into_iter()
-            .collect();
-        let _guard = tch::no_grad_guard();
-        for (name, mut var) in loaded.vs.variables().into_iter().filter(|(_, t)| t.requires_grad()) {
-            let t = ema.get(&name).with_context(|| format!("{}: no {name}", path.display()))?;
-            var.copy_(t);
-        }
+        checkpoint::apply_ema(&loaded.vs, &dir)?;
     }
+    let backend = match a.loader {
+        LoaderKind::Cpu => Backend::Cpu,
+        LoaderKind::Gpu if device.is_cuda() => Backend::Gpu(a.gpu.options(0)),
+        LoaderKind::Gpu => bail!("--loader gpu needs a GPU{}", if cfg!(feature = "cuda") { "" } else { " (built without CUDA)" }),
+        LoaderKind::Synthetic => bail!("eval needs real data: --loader cpu or gpu"),
+    };
     let val = open_split(&a.data, &a.split, 1)?;
     let cfg = LoaderConfig {
+        backend,
         sampler: SamplerConfig { shuffle: false, batch_size: a.batch_size, last_batch: LastBatch::Partial, ..Default::default() },
         transform: Transform::Eval(CenterCrop::for_crop(a.image_size)),
         output: OutputSpec {
@@ -666,4 +724,29 @@ pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
         println!("{} images: top-1 {:.2} %, top-5 {:.2} %, loss {:.4}", r.images, r.top1 * 100.0, r.top5 * 100.0, r.loss);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: TrainArgs,
+    }
+
+    #[test]
+    fn args_saved_before_fine_tuning_existed_still_load() -> anyhow::Result<()> {
+        let args = Cli::try_parse_from(["train", "--init-from", "w.safetensors", "--freeze-backbone", "-o", "run"])?.args;
+        let mut saved = serde_json::to_value(&args)?;
+        assert_eq!(saved["init_from"], "w.safetensors");
+        for key in ["init_from", "freeze_backbone", "backbone_lr_scale"] {
+            saved.as_object_mut().context("an object")?.remove(key);
+        }
+        let old: TrainArgs = serde_json::from_value(saved)?;
+        assert_eq!((old.init_from, old.freeze_backbone, old.backbone_lr_scale), (None, false, 1.0));
+        Ok(())
+    }
 }

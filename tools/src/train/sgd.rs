@@ -1,14 +1,17 @@
 //! SGD with momentum (and optional Nesterov) over two parameter groups: weight decay on
 //! conv/linear weights, none on BN parameters and biases (every 1-D parameter), as the
-//! seed's recipe says.
+//! seed's recipe says. Across these, the classifier (`fc.*`) and the backbone are two LR
+//! groups, so fine-tuning can train the backbone at a fraction of the LR.
 //!
 //! All parameters, their gradients and the momentum live in three flat buffers: each
 //! parameter (and, from the first backward on, its gradient) is re-pointed at a view of its
 //! slice with its own strides (channels_last included), so autograd accumulates straight
 //! into the flat gradient and one update is a handful of kernels over the whole model
-//! instead of several per parameter (what PyTorch's foreach/fused SGD achieve). Decayed
-//! parameters come first, so each group is one contiguous range. Written here rather than
-//! taken from tch so that the momentum can be saved and restored for exact resume.
+//! instead of several per parameter (what PyTorch's foreach/fused SGD achieve). The order
+//! is decayed backbone, decayed classifier, undecayed classifier, undecayed backbone, so
+//! both the decayed group and the classifier are one contiguous range each. Written here
+//! rather than taken from tch so that the momentum can be saved and restored for exact
+//! resume.
 
 use std::collections::HashMap;
 
@@ -26,6 +29,8 @@ pub struct Sgd {
     params: Vec<Param>,
     /// Elements of the decayed group: `[0, decayed)` of the flat buffers.
     decayed: i64,
+    /// Elements of the classifier: `[head.0, head.1)` of the flat buffers.
+    head: (i64, i64),
     flat_params: Tensor,
     flat_grads: Tensor,
     /// Whether each parameter's gradient is a view of `flat_grads` yet (after a backward).
@@ -36,6 +41,21 @@ pub struct Sgd {
     pub momentum: f64,
     pub weight_decay: f64,
     pub nesterov: bool,
+    /// The backbone's LR as a multiple of the classifier's (PyTorch's per-group `lr`).
+    pub backbone_lr_scale: f64,
+}
+
+/// Names of the classifier's parameters (torchvision's and timm's ResNet `fc`).
+pub const HEAD_PREFIX: &str = "fc.";
+
+/// Position of a parameter in the flat buffers (see the module docs).
+fn group_rank(name: &str, t: &Tensor) -> u8 {
+    match (t.dim() > 1, name.starts_with(HEAD_PREFIX)) {
+        (true, false) => 0,
+        (true, true) => 1,
+        (false, true) => 2,
+        (false, false) => 3,
+    }
 }
 
 impl Sgd {
@@ -44,13 +64,14 @@ impl Sgd {
         // Trainable variables are exactly those that require grad (BN running statistics
         // and counters do not).
         let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
-        vars.sort_by(|a, b| (a.1.dim() <= 1, &a.0).cmp(&(b.1.dim() <= 1, &b.0)));
+        vars.sort_by(|a, b| (group_rank(&a.0, &a.1), &a.0).cmp(&(group_rank(&b.0, &b.1), &b.0)));
         let device = vars.first().map_or(Device::Cpu, |(_, t)| t.device());
         let total: i64 = vars.iter().map(|(_, t)| t.numel() as i64).sum();
         let flat_params = Tensor::zeros([total], (Kind::Float, device));
         let flat_grads = Tensor::zeros([total], (Kind::Float, device));
         let mut params = Vec::with_capacity(vars.len());
         let (mut offset, mut decayed) = (0i64, 0i64);
+        let mut head = (total, total);
         let _guard = tch::no_grad_guard();
         for (name, mut tensor) in vars {
             if tensor.kind() != Kind::Float || tensor.device() != device {
@@ -63,12 +84,16 @@ impl Sgd {
             if tensor.dim() > 1 {
                 decayed += numel;
             }
+            if name.starts_with(HEAD_PREFIX) {
+                head = (head.0.min(offset), offset + numel);
+            }
             params.push(Param { name, tensor, offset, numel });
             offset += numel;
         }
         Ok(Self {
             params,
             decayed,
+            head,
             flat_params,
             flat_grads,
             grads_attached: false,
@@ -77,6 +102,7 @@ impl Sgd {
             momentum,
             weight_decay,
             nesterov,
+            backbone_lr_scale: 1.0,
         })
     }
 
@@ -145,7 +171,16 @@ impl Sgd {
             };
             d = if self.nesterov { d + &*b * self.momentum } else { b.shallow_clone() };
         }
-        self.flat_params -= d * lr;
+        let update = d * lr;
+        if self.backbone_lr_scale != 1.0 {
+            let total = self.flat_params.numel() as i64;
+            for (start, end) in [(0, self.head.0), (self.head.1, total)] {
+                if end > start {
+                    let _ = update.narrow(0, start, end - start).g_mul_scalar_(self.backbone_lr_scale);
+                }
+            }
+        }
+        self.flat_params -= update;
         if let Some((decay, ema)) = &mut self.ema {
             // ema = decay * ema + (1 - decay) * params
             let _ = ema.lerp_(&self.flat_params, 1.0 - *decay);
@@ -288,6 +323,45 @@ mod tests {
         }
         assert!((w.double_value(&[0, 0]) - wv).abs() < 1e-6, "{} vs {wv}", w.double_value(&[0, 0]));
         assert!((b.double_value(&[0]) - bv).abs() < 1e-6);
+        Ok(())
+    }
+
+    #[test]
+    fn backbone_lr_is_scaled_and_the_classifier_keeps_the_full_lr() -> anyhow::Result<()> {
+        let vs = VarStore::new(Device::Cpu);
+        let root = vs.root();
+        let names = ["conv.weight", "bn.bias", "fc.weight", "fc.bias"];
+        let vars: Vec<Tensor> = names
+            .iter()
+            .map(|n| {
+                let (path, leaf) = n.split_once('.').unwrap();
+                let shape: &[i64] = if leaf == "weight" { &[2, 2] } else { &[2] };
+                root.sub(path).var(leaf, shape, nn::Init::Const(1.0))
+            })
+            .collect();
+        let mut sgd = Sgd::new(&vs, 0.5, 0.1, false)?;
+        sgd.backbone_lr_scale = 0.25;
+        let (decay, no_decay) = sgd.groups();
+        assert_eq!((decay, no_decay), (vec!["conv.weight", "fc.weight"], vec!["fc.bias", "bn.bias"]));
+        for _ in 0..2 {
+            sgd.zero_grad();
+            vars.iter().fold(Tensor::zeros([], (Kind::Float, Device::Cpu)), |acc, v| acc + v.sum(Kind::Float)).backward();
+            sgd.step(0.1, 1.0);
+        }
+        // Hand-computed: g = 1 (+ 0.1 w when decayed); buf = 0.5 buf + g; w -= lr * buf.
+        let expect = |decayed: bool, lr: f64| {
+            let (mut w, mut buf) = (1.0f64, 0.0f64);
+            for _ in 0..2 {
+                buf = 0.5 * buf + 1.0 + if decayed { 0.1 * w } else { 0.0 };
+                w -= lr * buf;
+            }
+            w
+        };
+        let got: Vec<f64> = vars.iter().map(|v| v.flatten(0, -1).double_value(&[0])).collect();
+        let want = [expect(true, 0.025), expect(false, 0.025), expect(true, 0.1), expect(false, 0.1)];
+        for ((name, g), w) in names.iter().zip(&got).zip(want) {
+            assert!((g - w).abs() < 1e-6, "{name}: {g} vs {w}");
+        }
         Ok(())
     }
 
