@@ -143,5 +143,13 @@ fn bad_requests_are_clear_errors() -> Result<()> {
     assert!(message(&e).contains("--data"), "{}", message(&e));
     let e = convnets(&["train", "--resume", "-o", tmp.path().join("none").to_str().unwrap()]).unwrap_err();
     assert!(message(&e).contains("args.json"), "{}", message(&e));
+    // Without GPUs (or NCCL), data parallelism and the GPU loader say why they cannot run.
+    if !tch::Cuda::is_available() {
+        let e = convnets(&["train", "--arch", "resnet18", "--gpus", "2", "--loader", "synthetic", "-o", o]).unwrap_err();
+        assert!(message(&e).contains("--gpus 2: 0 GPU(s) visible"), "{}", message(&e));
+        let e = convnets(&["train", "--arch", "resnet18", "--loader", "gpu", "--data", o, "-o", o]).unwrap_err();
+        assert!(message(&e).contains("GPU"), "{}", message(&e));
+    }
+    assert!(!out.exists(), "refused runs write nothing");
     Ok(())
 }

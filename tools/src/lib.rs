@@ -11,6 +11,7 @@ pub mod bench_model;
 pub mod checkpoint;
 mod dataset_cmds;
 mod devices;
+pub mod dist;
 pub mod gpu_loader_args;
 mod pack;
 mod page_cache;
@@ -56,6 +57,19 @@ pub enum Command {
     Synth(synth::SynthArgs),
     /// Draw a run's training curves (RUN_DIR/log.jsonl) as a PNG.
     Plot(plot::PlotArgs),
+    /// Run N local processes of a convnets command as one process group, like torchrun.
+    Launch(dist::LaunchArgs),
+    /// Self-test of a process group's rendezvous and watchdog (run it under `launch`).
+    #[command(hide = true)]
+    DistCheck(dist::DistCheckArgs),
+}
+
+/// The arguments of the running command (without the program name): what the launcher
+/// gives each rank it starts.
+static INVOCATION: std::sync::Mutex<Vec<OsString>> = std::sync::Mutex::new(Vec::new());
+
+pub(crate) fn invocation() -> Vec<OsString> {
+    INVOCATION.lock().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
 /// Runs the tool on `args` (the first item is the program name).
@@ -65,6 +79,7 @@ where
     T: Into<OsString> + Clone,
 {
     let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+    *INVOCATION.lock().unwrap_or_else(|p| p.into_inner()) = args.iter().skip(1).cloned().collect();
     // Recipes become flags in front of the user's, which then override them.
     let Some(args) = train::recipes::expand(args)? else {
         return Ok(());
@@ -83,6 +98,8 @@ where
         Command::ExportWeights(a) => weights_cmds::export(a),
         Command::Synth(a) => synth::run(a),
         Command::Plot(a) => plot::run(a),
+        Command::Launch(a) => dist::launch_command(a),
+        Command::DistCheck(a) => dist::dist_check(a),
     }
 }
 

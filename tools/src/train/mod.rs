@@ -4,6 +4,7 @@
 //! epoch with exact resume, evaluation on the val split, DLLogger-style JSON logs.
 //! Fine-tuning: `--init-from`, `--freeze-backbone`, `--backbone-lr-scale` (finetune.rs).
 
+pub mod distributed;
 pub mod finetune;
 pub mod recipes;
 mod run_dir;
@@ -156,6 +157,12 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 1.0)]
     #[serde(default = "one")]
     pub backbone_lr_scale: f64,
+    /// Train on this many local GPUs, one process each (data parallel over NCCL;
+    /// --batch-size is per GPU). Under torchrun, SLURM or mpirun the group comes from the
+    /// environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) instead.
+    #[arg(long, default_value_t = 1)]
+    #[serde(default = "one_usize")]
+    pub gpus: usize,
     /// Run folder: log.jsonl, summary.json, checkpoints/.
     #[arg(long, short)]
     pub output: PathBuf,
@@ -164,6 +171,11 @@ pub struct TrainArgs {
 /// Serde default of `backbone_lr_scale` (runs saved before it existed).
 fn one() -> f64 {
     1.0
+}
+
+/// Serde default of `gpus` and `TrainState::world_size`.
+fn one_usize() -> usize {
+    1
 }
 
 /// `Arch` in JSON as its `--arch` name.
@@ -214,6 +226,9 @@ pub struct TrainState {
     pub loader: LoaderState,
     pub scaler: LossScaler,
     pub best_top1: Option<f64>,
+    /// Ranks of the run that saved this (the loader position counts batches per rank).
+    #[serde(default = "one_usize")]
+    pub world_size: usize,
 }
 
 /// Set by Ctrl-C: the loop saves a checkpoint at the next step and stops.
@@ -230,6 +245,61 @@ pub fn train(cmd: TrainCommand) -> anyhow::Result<()> {
             std::process::exit(130); // a second Ctrl-C: stop now
         }
     });
+    let env = crate::dist::env::DistEnv::from_env()?;
+    if env.is_none() && cmd.args.gpus > 1 {
+        // This process becomes the launcher of one process per GPU, which find the group
+        // in their environment.
+        let gpus = visible_gpus(cmd.args.gpus)?;
+        return crate::dist::launch::launch(cmd.args.gpus, &crate::invocation(), Some(gpus));
+    }
+    let dist = match &env {
+        Some(env) => {
+            if cmd.args.gpus > 1 && cmd.args.gpus != env.world_size {
+                bail!("--gpus {} but the environment has a group of {}", cmd.args.gpus, env.world_size);
+            }
+            Some(Arc::new(distributed::Distributed::start(env)?))
+        }
+        None => None,
+    };
+    let result = train_rank(cmd, dist.clone());
+    if let Some(d) = dist {
+        match &result {
+            Err(e) => d.report_failure(&format!("{e:#}")),
+            Ok(()) => {
+                if let Ok(d) = Arc::try_unwrap(d) {
+                    d.finish();
+                }
+            }
+        }
+    }
+    result
+}
+
+/// A loader position of a run with `old` ranks for a group of `new`: as many images into
+/// the epoch, rounded down to whole batches (the sampler deals batch k of every rank from
+/// the same global stretch of the epoch, so that is where the new group goes on).
+fn regroup(pos: LoaderState, old: usize, new: usize) -> LoaderState {
+    LoaderState { epoch: pos.epoch, batch: pos.batch * old / new.max(1) }
+}
+
+/// The GPUs the launcher hands to its `n` ranks: the visible ones, in order.
+fn visible_gpus(n: usize) -> anyhow::Result<Vec<String>> {
+    let listed: Option<Vec<String>> = std::env::var("CUDA_VISIBLE_DEVICES")
+        .ok()
+        .map(|v| v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect());
+    let count = tch::Cuda::device_count() as usize;
+    if count < n {
+        bail!("--gpus {n}: {count} GPU(s) visible{}", if cfg!(feature = "cuda") { "" } else { " (built without CUDA)" });
+    }
+    Ok(match listed {
+        Some(l) => l.into_iter().take(n).collect(),
+        None => (0..n).map(|i| i.to_string()).collect(),
+    })
+}
+
+/// One rank's run (all of it without a group).
+fn train_rank(cmd: TrainCommand, dist: Option<Arc<distributed::Distributed>>) -> anyhow::Result<()> {
+    let main = dist.as_ref().is_none_or(|d| d.is_main());
     let run = RunDir::new(&cmd.args.output);
     let (args, resume) = if cmd.resume {
         let mut args = run.load_args()?;
@@ -244,10 +314,13 @@ pub fn train(cmd: TrainCommand) -> anyhow::Result<()> {
         if let Some(source) = &cmd.args.init_from {
             finetune::weights_file(source, cmd.args.arch)?;
         }
-        run.create(&cmd.args)?;
+        // Rank 0 writes the run folder; the others only read it when resuming.
+        if main {
+            run.create(&cmd.args)?;
+        }
         (cmd.args, None)
     };
-    Trainer::new(args, run, resume)?.run()
+    Trainer::new(args, run, resume, dist)?.run()
 }
 
 /// Refusals that must come before anything is written to the run folder.
@@ -309,13 +382,26 @@ struct Trainer {
     train: Option<Arc<dyn RecordSource>>,
     val: Option<Arc<dyn RecordSource>>,
     state: TrainState,
-    log: std::fs::File,
+    /// Rank 0 (or the only process) writes the log; the other ranks write nothing.
+    log: Option<std::fs::File>,
+    dist: Option<Arc<distributed::Distributed>>,
+    /// All ranks agreed to stop (Ctrl-C on any of them).
+    stop: bool,
 }
 
 impl Trainer {
-    fn new(args: TrainArgs, run: RunDir, resume: Option<(PathBuf, TrainState)>) -> anyhow::Result<Self> {
+    fn new(
+        args: TrainArgs,
+        run: RunDir,
+        resume: Option<(PathBuf, TrainState)>,
+        dist: Option<Arc<distributed::Distributed>>,
+    ) -> anyhow::Result<Self> {
         check_args(&args)?;
-        let device = device_of(args.device)?;
+        let device = match &dist {
+            Some(d) => Device::Cuda(d.device),
+            None => device_of(args.device)?,
+        };
+        let world = dist.as_ref().map_or(1, |d| d.world_size);
         let (train, val, classes) = match (&args.loader, &args.data) {
             (LoaderKind::Cpu | LoaderKind::Gpu, Some(data)) => {
                 let train = open_split(data, "train", 1)?;
@@ -346,6 +432,7 @@ impl Trainer {
             loader: LoaderState::default(),
             scaler: LossScaler::new(args.amp),
             best_top1: None,
+            world_size: world,
         };
         let (mut momentum, mut ema_state) = (None, None);
         // A resumed run's weights come from its checkpoint, not from --init-from.
@@ -360,6 +447,15 @@ impl Trainer {
             }
             eprintln!("resuming from {} (epoch {}, step {})", dir.display(), saved.epoch, saved.step);
             state = saved;
+            if state.world_size != world {
+                let old = state.world_size;
+                state.loader = regroup(state.loader, old, world);
+                eprintln!(
+                    "the run had {old} rank(s), now {world}: continuing epoch {} at batch {} per rank",
+                    state.loader.epoch, state.loader.batch
+                );
+                state.world_size = world;
+            }
         }
         vs.set_device(device);
         if args.freeze_backbone {
@@ -377,10 +473,25 @@ impl Trainer {
         if let Some(ema) = ema_state {
             sgd.load_ema_state(&ema.into_iter().collect())?;
         }
+        if let Some(d) = &dist {
+            // Every rank starts from rank 0's weights, buffers and optimizer state.
+            let _guard = tch::no_grad_guard();
+            for t in sgd.shared_state() {
+                d.broadcast_from_main(&t)?;
+            }
+            // In name order: every rank must issue the same collectives in the same order
+            // (`variables()` is a HashMap, whose order differs between processes).
+            let mut buffers: Vec<(String, Tensor)> =
+                vs.variables().into_iter().filter(|(_, t)| !t.requires_grad()).collect();
+            buffers.sort_by(|a, b| a.0.cmp(&b.0));
+            for (_, t) in &buffers {
+                d.broadcast_from_main(t)?;
+            }
+        }
         if device.is_cuda() {
             tch::Cuda::cudnn_set_benchmark(true);
         }
-        let global_batch = args.batch_size as f64;
+        let global_batch = (args.batch_size * world) as f64;
         let schedule = LrSchedule {
             base_lr: args.lr * global_batch / 256.0,
             warmup_epochs: args.warmup_epochs,
@@ -392,21 +503,27 @@ impl Trainer {
             },
         };
         let scaler = state.scaler.clone();
-        let log = run.open_log(state.step)?;
-        Ok(Self { args, run, device, vs, model, sgd, scaler, schedule, meta, train, val, state, log })
+        let main = dist.as_ref().is_none_or(|d| d.is_main());
+        let log = if main { Some(run.open_log(state.step)?) } else { None };
+        Ok(Self { args, run, device, vs, model, sgd, scaler, schedule, meta, train, val, state, log, dist, stop: false })
+    }
+
+    fn main(&self) -> bool {
+        self.dist.as_ref().is_none_or(|d| d.is_main())
     }
 
     fn loader_config(&self, eval: bool) -> LoaderConfig {
         let cuda = self.device.is_cuda();
         let gpu = self.args.loader == LoaderKind::Gpu;
+        let device = self.dist.as_ref().map_or(0, |d| d.device);
         LoaderConfig {
-            backend: if gpu { Backend::Gpu(self.args.gpu.options(0)) } else { Backend::Cpu },
+            backend: if gpu { Backend::Gpu(self.args.gpu.options(device)) } else { Backend::Cpu },
             sampler: SamplerConfig {
                 seed: self.args.seed,
                 shuffle: !eval,
                 batch_size: self.args.batch_size,
-                rank: 0,
-                world_size: 1,
+                rank: self.dist.as_ref().map_or(0, |d| d.rank),
+                world_size: self.dist.as_ref().map_or(1, |d| d.world_size),
                 last_batch: if eval { LastBatch::Partial } else { LastBatch::Drop },
             },
             transform: if eval {
@@ -438,7 +555,7 @@ impl Trainer {
         };
         let steps_per_epoch = loader.as_ref().map_or(100, |l| l.batches_per_epoch()) as u64;
         let total_steps = steps_per_epoch * self.args.epochs;
-        let bar = progress_bar(total_steps, self.state.step);
+        let bar = if self.main() { progress_bar(total_steps, self.state.step) } else { ProgressBar::hidden() };
         let mut images_done = 0u64;
         let mut window = (Instant::now(), 0u64);
         let mut last_eval = None;
@@ -447,14 +564,16 @@ impl Trainer {
             let epoch = self.state.epoch;
             let mut step_in_epoch = self.state.loader.batch as u64;
             loop {
-                if self.args.max_steps.is_some_and(|m| self.state.step >= m) || interrupted() {
+                if self.args.max_steps.is_some_and(|m| self.state.step >= m) || self.stop || (self.dist.is_none() && interrupted()) {
                     // Stopped mid-epoch: save where we are so --resume continues exactly.
                     self.state.loader = loader.as_ref().map_or(
                         LoaderState { epoch, batch: step_in_epoch as usize },
                         |l| l.state(),
                     );
                     self.state.scaler = self.scaler.clone();
-                    self.run.save_checkpoint(&self.vs, &self.sgd, &self.meta, &self.state, false, self.args.keep_last)?;
+                    if self.main() {
+                        self.run.save_checkpoint(&self.vs, &self.sgd, &self.meta, &self.state, false, self.args.keep_last)?;
+                    }
                     bar.println(format!("stopped at step {}; checkpoint saved, continue with --resume", self.state.step));
                     break 'epochs;
                 }
@@ -473,13 +592,16 @@ impl Trainer {
                 let lr = self.schedule.lr(t);
                 let (loss, n) = self.step(batch.as_ref(), lr)?;
                 drop(batch);
+                let loss = self.agree(loss)?;
                 self.state.step += 1;
                 step_in_epoch += 1;
                 images_done += n;
                 window.1 += n;
                 bar.inc(1);
                 if self.state.step % self.args.log_every == 0 || step_in_epoch == steps_per_epoch {
-                    let img_s = window.1 as f64 / window.0.elapsed().as_secs_f64();
+                    // All ranks together (each trained on as many images as this one).
+                    let ranks = self.dist.as_ref().map_or(1, |d| d.world_size) as f64;
+                    let img_s = window.1 as f64 * ranks / window.0.elapsed().as_secs_f64();
                     window = (Instant::now(), 0);
                     bar.set_message(format!("epoch {epoch} loss {loss:.4} lr {lr:.4} {img_s:.0} img/s"));
                     self.log(json!({"type": "train", "epoch": epoch, "step": self.state.step, "loss": loss,
@@ -509,10 +631,31 @@ impl Trainer {
                 self.state.best_top1 = eval.as_ref().map(|e| e.top1);
             }
             self.state.scaler = self.scaler.clone();
-            self.run.save_checkpoint(&self.vs, &self.sgd, &self.meta, &self.state, is_best, self.args.keep_last)?;
+            if self.main() {
+                self.run.save_checkpoint(&self.vs, &self.sgd, &self.meta, &self.state, is_best, self.args.keep_last)?;
+            }
         }
         bar.finish_and_clear();
         let wall = started.elapsed().as_secs_f64();
+        // A check that data parallelism kept the replicas equal: the largest difference of
+        // any weight from rank 0's, summed over the ranks (0 when identical).
+        let weight_difference = match &self.dist {
+            Some(d) => {
+                let _guard = tch::no_grad_guard();
+                let mine = self.sgd.shared_state().swap_remove(0);
+                let main = mine.copy();
+                d.broadcast_from_main(&main)?;
+                let diff = (&mine - &main).abs().max().double_value(&[]);
+                Some(d.sum_values(&[diff])?[0])
+            }
+            None => None,
+        };
+        if !self.main() {
+            return Ok(());
+        }
+        // Every rank trained on as many images as this one.
+        let world = self.dist.as_ref().map_or(1, |d| d.world_size);
+        images_done *= world as u64;
         // Share of the run the training loop spent waiting for the loader.
         let data_wait = loader.as_ref().map(|l| l.stats().wait_s / wall);
         let summary = json!({
@@ -525,6 +668,8 @@ impl Trainer {
             "amp": self.args.amp,
             "loader": self.args.loader,
             "batch_size": self.args.batch_size,
+            "world_size": world,
+            "weight_difference_across_ranks": weight_difference,
             "run_dir": self.run.dir(),
         });
         self.run.write_summary(&summary)?;
@@ -559,6 +704,11 @@ impl Trainer {
         })?;
         let scale = self.scaler.scale;
         (&loss * scale).backward();
+        if let Some(d) = &self.dist {
+            // The mean gradient over the ranks; every rank then takes the same step (and
+            // the same skip decision on inf/NaN).
+            d.all_reduce_mean(self.sgd.flat_grads())?;
+        }
         let finite = self.sgd.grads_finite();
         if self.scaler.update(finite) {
             self.sgd.step(lr, 1.0 / scale);
@@ -587,17 +737,37 @@ impl Trainer {
         Ok((mixed, Some((lambda, labels.index_select(0, &perm)))))
     }
 
-    /// Evaluates the averaged weights when an EMA is kept, else the live ones.
+    /// The loss averaged over the ranks, and whether any rank was interrupted (so that
+    /// all stop at the same step). Without a group: the loss, and this process's Ctrl-C.
+    fn agree(&mut self, loss: f64) -> anyhow::Result<f64> {
+        let Some(d) = &self.dist else {
+            self.stop = interrupted();
+            return Ok(loss);
+        };
+        let v = d.sum_values(&[loss, f64::from(u8::from(interrupted()))])?;
+        self.stop = v[1] > 0.0;
+        Ok(v[0] / d.world_size as f64)
+    }
+
+    /// Evaluates the averaged weights when an EMA is kept, else the live ones; with a
+    /// group, each rank evaluates its share of the split and the counts are summed.
     fn evaluate(&mut self) -> anyhow::Result<EvalResult> {
         let val = self.val.clone().context("no val split")?;
         self.sgd.swap_ema();
         let result = evaluate(&self.model, val, self.loader_config(true), self.device, self.args.amp);
         self.sgd.swap_ema();
-        result
+        let r = result?;
+        let Some(d) = &self.dist else { return Ok(r) };
+        let n = r.images as f64;
+        let s = d.sum_values(&[r.loss * n, r.top1 * n, r.top5 * n, n])?;
+        let total = s[3].max(1.0);
+        Ok(EvalResult { loss: s[0] / total, top1: s[1] / total, top5: s[2] / total, images: s[3] as u64 })
     }
 
     fn log(&mut self, line: serde_json::Value) -> anyhow::Result<()> {
-        writeln!(self.log, "{line}").context("writing log.jsonl")?;
+        if let Some(log) = &mut self.log {
+            writeln!(log, "{line}").context("writing log.jsonl")?;
+        }
         Ok(())
     }
 }
@@ -735,6 +905,17 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         args: TrainArgs,
+    }
+
+    #[test]
+    fn a_resumed_run_with_another_group_size_goes_on_from_the_same_images() {
+        let at = |epoch, batch| LoaderState { epoch, batch };
+        // 10 batches per rank on 2 ranks = 20 global batches: 5 per rank on 4, 20 on 1.
+        assert_eq!(regroup(at(3, 10), 2, 4), at(3, 5));
+        assert_eq!(regroup(at(3, 10), 2, 1), at(3, 20));
+        // Not a whole batch of the new group: back to the last whole one.
+        assert_eq!(regroup(at(0, 3), 2, 4), at(0, 1));
+        assert_eq!(regroup(at(1, 7), 1, 1), at(1, 7));
     }
 
     #[test]

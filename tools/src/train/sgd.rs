@@ -134,6 +134,21 @@ impl Sgd {
         self.grads_attached = self.params.iter().all(|p| p.tensor.grad().defined());
     }
 
+    /// The gradients as one flat buffer (after a backward), e.g. to sum them over ranks
+    /// in place.
+    pub fn flat_grads(&mut self) -> &Tensor {
+        self.attach_grads();
+        &self.flat_grads
+    }
+
+    /// The state every rank must share: parameters, momentum, moving average.
+    pub fn shared_state(&self) -> Vec<Tensor> {
+        let mut out = vec![self.flat_params.shallow_clone()];
+        out.extend(self.momentum_buffer.as_ref().map(Tensor::shallow_clone));
+        out.extend(self.ema.as_ref().map(|(_, e)| e.shallow_clone()));
+        out
+    }
+
     pub fn zero_grad(&mut self) {
         if self.grads_attached {
             let _ = self.flat_grads.zero_();
