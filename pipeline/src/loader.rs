@@ -153,6 +153,35 @@ pub struct SkippedRecord {
     pub reason: String,
 }
 
+impl SkippedRecord {
+    /// The record `index` of the split named by `e` (its shard and position there, when
+    /// the error knows them).
+    pub(crate) fn new(epoch: u64, index: u32, e: &Error) -> Self {
+        let (shard, record) = match e {
+            Error::Record { path, record, .. } => (path.clone(), *record),
+            _ => (PathBuf::new(), u64::from(index)),
+        };
+        Self {
+            epoch,
+            shard,
+            record,
+            reason: e.to_string(),
+        }
+    }
+}
+
+/// `e` about record `index` of `source`, naming its file and position when known.
+pub(crate) fn record_error(source: &dyn RecordSource, index: usize, e: impl std::fmt::Display) -> Error {
+    match source.locate(index) {
+        Ok((path, record)) => Error::Record {
+            path,
+            record,
+            reason: e.to_string(),
+        },
+        Err(_) => Error::Config(format!("record {index}: {e}")),
+    }
+}
+
 /// Time spent per stage, summed over threads, and queue occupancy.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct LoaderStats {
@@ -870,14 +899,7 @@ impl WorkerContext {
     }
 
     fn record_error(&self, index: usize, e: impl std::fmt::Display) -> Error {
-        match self.source.locate(index) {
-            Ok((path, record)) => Error::Record {
-                path,
-                record,
-                reason: e.to_string(),
-            },
-            Err(_) => Error::Config(format!("record {index}: {e}")),
-        }
+        record_error(self.source.as_ref(), index, e)
     }
 
     /// Records the outcome of a sample; the last sample of a batch passes the slot on.
@@ -891,16 +913,8 @@ impl WorkerContext {
                 }
                 BadRecordPolicy::Skip => {
                     job.skipped[pos] = true;
-                    let (shard, record) = match &e {
-                        Error::Record { path, record, .. } => (path.clone(), *record),
-                        _ => (PathBuf::new(), u64::from(job.samples[pos].index)),
-                    };
-                    job.skipped_records.push(SkippedRecord {
-                        epoch,
-                        shard,
-                        record,
-                        reason: e.to_string(),
-                    });
+                    let skipped = SkippedRecord::new(epoch, job.samples[pos].index, &e);
+                    job.skipped_records.push(skipped);
                 }
             }
         }

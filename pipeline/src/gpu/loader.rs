@@ -22,7 +22,6 @@
 //! Decode arenas, parameters and staging buffers are per lane, grow-only, and reused.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -39,7 +38,7 @@ use super::nvjpeg::{BatchDecoder, Library, Target};
 use crate::cpu::augment::{Layout, OutputDtype, OutputSpec, Span, WindowEdges};
 use crate::cpu::decode::{CpuDecoder, DecodeLimits, RgbImage};
 use crate::loader::{
-    sampler_for, BadRecordPolicy, Batch, Counters, GpuOptions, LoaderConfig, LoaderState,
+    record_error, sampler_for, BadRecordPolicy, Batch, Counters, GpuOptions, LoaderConfig, LoaderState,
     LoaderStats, Position, SkippedRecord, Transform,
 };
 use crate::plan::CropWindow;
@@ -303,10 +302,7 @@ impl GpuLoader {
 
     fn deliver(&mut self, mut f: Finished) -> Result<Batch> {
         let result = std::mem::replace(&mut f.result, Err(Error::Config(String::new())));
-        let (images, labels, done) = match result {
-            Ok(t) => t,
-            Err(e) => return Err(e),
-        };
+        let (images, labels, done) = result?;
         // libtorch's stream (the legacy default stream) waits for the lane's work.
         if let Err(e) = self.null_stream.wait(&done) {
             let _ = done.synchronize();
@@ -381,6 +377,10 @@ fn plan_batches(sampler: Sampler, start: LoaderState, jobs: Sender<BatchJob>, st
     }
 }
 
+/// A CPU thread's answer: the sample's position in its batch, and the decoded image with
+/// the crop window in its coordinates, or why not.
+type CpuReply = (usize, std::result::Result<(RgbImage, CropWindow), String>);
+
 /// An image for the CPU threads.
 struct CpuJob {
     pos: usize,
@@ -389,14 +389,11 @@ struct CpuJob {
     /// Train: decode only the crop (DCT-scaled); eval: the whole image.
     train: bool,
     out: (u32, u32),
-    reply: Sender<(usize, std::result::Result<(RgbImage, CropWindow), String>)>,
+    reply: Sender<CpuReply>,
 }
 
 fn cpu_decode_worker(jobs: Receiver<CpuJob>, limits: DecodeLimits, counters: Arc<Counters>) {
-    let mut decoder = match CpuDecoder::new(limits) {
-        Ok(d) => Some(d),
-        Err(_) => None,
-    };
+    let mut decoder = CpuDecoder::new(limits).ok();
     for job in jobs.iter() {
         let t = Instant::now();
         let mut image = RgbImage {
@@ -461,10 +458,7 @@ struct Lane {
     /// Timing events around the last batch's kernel, read once it has run.
     kernel_timing: Option<(CudaEvent, CudaEvent)>,
     cpu_jobs: Sender<CpuJob>,
-    replies: (
-        Sender<(usize, std::result::Result<(RgbImage, CropWindow), String>)>,
-        Receiver<(usize, std::result::Result<(RgbImage, CropWindow), String>)>,
-    ),
+    replies: (Sender<CpuReply>, Receiver<CpuReply>),
     counters: Arc<Counters>,
     bytes: Arc<AtomicU64>,
     /// Images sent to the CPU threads whose reply has not been taken (a batch that
@@ -536,7 +530,7 @@ impl Lane {
         if let Err(e) = self.stream.context().bind_to_thread() {
             for job in jobs.iter() {
                 let mut f = self.process_nothing(job);
-                f.result = Err(cuda("binding the GPU context to a loader thread", &e));
+                f.result = Err(cuda("binding the GPU context to a loader thread", e));
                 if ready.send(f).is_err() {
                     break;
                 }
@@ -955,7 +949,6 @@ impl Lane {
             .send(job)
             .map_err(|_| Error::Config("GPU loader CPU threads stopped".into()))
     }
-
 }
 
 /// A sample that cannot be produced: the batch's error, or skipped and reported.
@@ -968,36 +961,13 @@ fn fail(
     records: &mut Vec<SkippedRecord>,
     pos: usize,
 ) -> Result<()> {
-    {
-        match policy {
-            BadRecordPolicy::Error => Err(e),
-            BadRecordPolicy::Skip => {
-                skipped[pos] = true;
-                let (shard, record) = match &e {
-                    Error::Record { path, record, .. } => (path.clone(), *record),
-                    _ => (PathBuf::new(), u64::from(sample.index)),
-                };
-                records.push(SkippedRecord {
-                    epoch,
-                    shard,
-                    record,
-                    reason: e.to_string(),
-                });
-                Ok(())
-            }
+    match policy {
+        BadRecordPolicy::Error => Err(e),
+        BadRecordPolicy::Skip => {
+            skipped[pos] = true;
+            records.push(SkippedRecord::new(epoch, sample.index, &e));
+            Ok(())
         }
-    }
-
-}
-
-fn record_error(source: &dyn RecordSource, index: usize, e: impl std::fmt::Display) -> Error {
-    match source.locate(index) {
-        Ok((path, record)) => Error::Record {
-            path,
-            record,
-            reason: e.to_string(),
-        },
-        Err(_) => Error::Config(format!("record {index}: {e}")),
     }
 }
 

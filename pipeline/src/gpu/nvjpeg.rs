@@ -268,8 +268,11 @@ mod tests {
         jpeg_of(w, h, sampling, progressive, false)
     }
 
+    /// A JPEG, its region of interest, and the decoded size.
+    type Case = (Vec<u8>, Option<(i32, i32, i32, i32)>, (usize, usize));
+
     /// Decodes `jpegs` in one hardware batch and returns interleaved RGB per image.
-    fn hardware_decode(jpegs: &[(Vec<u8>, Option<(i32, i32, i32, i32)>, (usize, usize))]) -> Vec<Vec<u8>> {
+    fn hardware_decode(jpegs: &[Case]) -> Vec<Vec<u8>> {
         let ctx = CudaContext::new(0).expect("a CUDA device");
         unsafe { ctx.disable_event_tracking() };
         ctx.bind_to_thread().unwrap();

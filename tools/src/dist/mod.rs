@@ -29,6 +29,7 @@ pub mod launch;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 pub mod rendezvous;
+pub mod tcp;
 
 use std::ffi::OsString;
 use std::io::Write;
@@ -184,15 +185,6 @@ fn crc32(bytes: &[u8]) -> u32 {
     !crc
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn crc32_check_value() {
-        assert_eq!(super::crc32(b"123456789"), 0xCBF4_3926);
-        assert_eq!(super::crc32(b""), 0);
-    }
-}
-
 /// Sums over the group on the GPU, three ways: a libtorch tensor on the legacy default
 /// stream (what training does), the same on a separate stream, and a driver allocation
 /// on the legacy stream. Each entry says "ok", a wrong value, or the NCCL error.
@@ -247,4 +239,13 @@ fn nccl_diagnostics(env: &DistEnv, id: &[u8]) -> serde_json::Value {
 #[cfg(not(feature = "cuda"))]
 fn nccl_diagnostics(_env: &DistEnv, _id: &[u8]) -> serde_json::Value {
     serde_json::json!("built without CUDA")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn crc32_check_value() {
+        assert_eq!(super::crc32(b"123456789"), 0xCBF4_3926);
+        assert_eq!(super::crc32(b""), 0);
+    }
 }

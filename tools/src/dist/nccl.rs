@@ -31,14 +31,22 @@ const NCCL_SUM: c_int = 0;
 /// The NCCL entry points, taken from the NCCL libtorch already loaded (libtorch_cuda
 /// links it). A second NCCL opened beside it gets its internal calls bound to the first
 /// one's symbols and reports "corrupted comm object", so there must be only one.
+type GetUniqueId = unsafe extern "C" fn(*mut UniqueId) -> c_int;
+type CommInitRank = unsafe extern "C" fn(*mut Comm, c_int, UniqueId, c_int) -> c_int;
+type Collective = unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, Comm, Stream) -> c_int;
+type CommFn = unsafe extern "C" fn(Comm) -> c_int;
+type ErrorString = unsafe extern "C" fn(c_int) -> *const c_char;
+
 struct Api {
-    get_unique_id: unsafe extern "C" fn(*mut UniqueId) -> c_int,
-    comm_init_rank: unsafe extern "C" fn(*mut Comm, c_int, UniqueId, c_int) -> c_int,
-    all_reduce: unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, Comm, Stream) -> c_int,
-    broadcast: unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, Comm, Stream) -> c_int,
-    comm_abort: unsafe extern "C" fn(Comm) -> c_int,
-    comm_destroy: unsafe extern "C" fn(Comm) -> c_int,
-    get_error_string: unsafe extern "C" fn(c_int) -> *const c_char,
+    get_unique_id: GetUniqueId,
+    comm_init_rank: CommInitRank,
+    /// ncclAllReduce(send, recv, count, datatype, op, comm, stream)
+    all_reduce: Collective,
+    /// ncclBroadcast(send, recv, count, datatype, root, comm, stream)
+    broadcast: Collective,
+    comm_abort: CommFn,
+    comm_destroy: CommFn,
+    get_error_string: ErrorString,
 }
 
 fn api() -> anyhow::Result<&'static Api> {
@@ -56,13 +64,13 @@ fn api() -> anyhow::Result<&'static Api> {
                 }
             };
             Ok(Api {
-                get_unique_id: std::mem::transmute::<*mut c_void, _>(sym(c"ncclGetUniqueId")?),
-                comm_init_rank: std::mem::transmute::<*mut c_void, _>(sym(c"ncclCommInitRank")?),
-                all_reduce: std::mem::transmute::<*mut c_void, _>(sym(c"ncclAllReduce")?),
-                broadcast: std::mem::transmute::<*mut c_void, _>(sym(c"ncclBroadcast")?),
-                comm_abort: std::mem::transmute::<*mut c_void, _>(sym(c"ncclCommAbort")?),
-                comm_destroy: std::mem::transmute::<*mut c_void, _>(sym(c"ncclCommDestroy")?),
-                get_error_string: std::mem::transmute::<*mut c_void, _>(sym(c"ncclGetErrorString")?),
+                get_unique_id: std::mem::transmute::<*mut c_void, GetUniqueId>(sym(c"ncclGetUniqueId")?),
+                comm_init_rank: std::mem::transmute::<*mut c_void, CommInitRank>(sym(c"ncclCommInitRank")?),
+                all_reduce: std::mem::transmute::<*mut c_void, Collective>(sym(c"ncclAllReduce")?),
+                broadcast: std::mem::transmute::<*mut c_void, Collective>(sym(c"ncclBroadcast")?),
+                comm_abort: std::mem::transmute::<*mut c_void, CommFn>(sym(c"ncclCommAbort")?),
+                comm_destroy: std::mem::transmute::<*mut c_void, CommFn>(sym(c"ncclCommDestroy")?),
+                get_error_string: std::mem::transmute::<*mut c_void, ErrorString>(sym(c"ncclGetErrorString")?),
             })
         }
     })

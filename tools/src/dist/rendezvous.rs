@@ -239,7 +239,7 @@ pub fn rendezvous(
     Ok((payload, Group { env: env.clone(), shared, watchdog: None }))
 }
 
-fn address(env: &DistEnv) -> String {
+pub(crate) fn address(env: &DistEnv) -> String {
     if env.master_addr.contains(':') {
         format!("[{}]:{}", env.master_addr, env.master_port)
     } else {
@@ -249,7 +249,7 @@ fn address(env: &DistEnv) -> String {
 
 /// Where rank 0 listens: MASTER_ADDR itself when it is a loopback address (a local run
 /// stays off the network), else every interface, as MASTER_ADDR may name a NAT or alias.
-fn listen_address(env: &DistEnv) -> SocketAddr {
+pub(crate) fn listen_address(env: &DistEnv) -> SocketAddr {
     let resolved: Vec<SocketAddr> =
         (env.master_addr.as_str(), env.master_port).to_socket_addrs().map(|a| a.collect()).unwrap_or_default();
     if let Some(loopback) = resolved.iter().find(|a| a.ip().is_loopback()) {

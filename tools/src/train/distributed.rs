@@ -1,18 +1,19 @@
 //! One rank of a data-parallel run: the rendezvous (TCP, from the launcher's or
-//! torchrun's environment), an NCCL communicator on this rank's GPU, and the collectives
-//! the trainer needs. Gradients are summed in place in the optimizer's flat buffer (one
-//! bucket, fp32) on libtorch's stream; BN statistics stay per GPU, as in the seed.
+//! torchrun's environment), then the collectives the trainer needs: NCCL on this rank's
+//! GPU, or, for processes training on CPUs, sums through rank 0 over TCP. Gradients are
+//! summed in place in the optimizer's flat buffer (one bucket, fp32) on libtorch's
+//! stream; BN statistics stay per replica, as in the seed.
 
 use std::time::Duration;
 
-#[cfg(not(feature = "cuda"))]
 use anyhow::bail;
 use tch::{Device, Kind, Tensor};
 
 use crate::dist::env::DistEnv;
+use crate::dist::rendezvous::{rendezvous, Group};
+use crate::dist::tcp::{Listener, TcpCollectives};
 
 /// How long ranks wait for each other to start (`CONVNETS_RENDEZVOUS_TIMEOUT_S`).
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn rendezvous_timeout() -> Duration {
     let s = std::env::var("CONVNETS_RENDEZVOUS_TIMEOUT_S")
         .ok()
@@ -33,46 +34,82 @@ pub fn device_index(env: &DistEnv) -> usize {
 pub struct Distributed {
     pub rank: usize,
     pub world_size: usize,
-    /// CUDA device index of this rank.
-    pub device: usize,
-    group: Option<crate::dist::rendezvous::Group>,
+    /// CUDA device index of this rank; `None` for a group of CPU processes.
+    pub device: Option<usize>,
+    group: Option<Group>,
+    backend: Collectives,
+}
+
+/// NCCL between GPUs; TCP through rank 0 between CPU processes.
+enum Collectives {
     #[cfg(feature = "cuda")]
-    nccl: std::sync::Arc<crate::dist::nccl::Nccl>,
+    Nccl(std::sync::Arc<crate::dist::nccl::Nccl>),
+    Tcp(std::sync::Mutex<TcpCollectives>),
+}
+
+/// What a watchdog does when another rank fails: say so, and end this process without
+/// waiting on anything (a collective in flight may never finish).
+fn exit_naming(rank: usize, msg: &str) -> ! {
+    eprintln!("error: rank {rank} stops: {msg}");
+    // Not `exit`: its handlers could wait on the GPU, which may never finish.
+    // SAFETY: ends the process.
+    unsafe { libc::_exit(crate::dist::PEER_FAILED_EXIT_STATUS) }
 }
 
 impl Distributed {
-    /// Meets the other ranks and joins the NCCL group. From here on, a rank that dies or
-    /// reports a failure makes every other rank exit with a message naming it.
+    /// Meets the other ranks and joins the group's collectives: NCCL on this rank's GPU
+    /// when `gpu`, else TCP. From here on, a rank that dies or reports a failure makes
+    /// every other rank exit with a message naming it.
+    pub fn start(env: &DistEnv, gpu: bool) -> anyhow::Result<Self> {
+        let rank = env.rank;
+        let timeout = rendezvous_timeout();
+        if gpu {
+            return Self::start_nccl(env, timeout);
+        }
+        let listener = if rank == 0 { Some(Listener::bind(env)?) } else { None };
+        let port = listener.as_ref().map(Listener::port).transpose()?.unwrap_or(0);
+        let (payload, mut group) = rendezvous(env, move || Ok(port.to_le_bytes().to_vec()), timeout)?;
+        let port = match payload.as_slice() {
+            [a, b] => u16::from_le_bytes([*a, *b]),
+            _ => bail!("rendezvous payload of {} bytes, expected a port", payload.len()),
+        };
+        let tcp = TcpCollectives::connect(env, listener, port, timeout)?;
+        group.watch(move |msg| exit_naming(rank, msg))?;
+        Ok(Self {
+            rank,
+            world_size: env.world_size,
+            device: None,
+            group: Some(group),
+            backend: Collectives::Tcp(std::sync::Mutex::new(tcp)),
+        })
+    }
+
     #[cfg(feature = "cuda")]
-    pub fn start(env: &DistEnv) -> anyhow::Result<Self> {
+    fn start_nccl(env: &DistEnv, timeout: Duration) -> anyhow::Result<Self> {
         use crate::dist::nccl::{unique_id, Nccl};
-        use crate::dist::rendezvous::rendezvous;
         let device = device_index(env);
-        let (id, mut group) = rendezvous(env, unique_id, rendezvous_timeout())?;
+        let (id, mut group) = rendezvous(env, unique_id, timeout)?;
         let nccl = std::sync::Arc::new(Nccl::new(device, env.rank, env.world_size, &id)?);
+        let rank = env.rank;
         let on_failure = {
             let nccl = nccl.clone();
-            let rank = env.rank;
             move |msg: &str| {
-                eprintln!("error: rank {rank} stops: {msg}");
                 nccl.abort();
-                // Not `exit`: its handlers could wait on the GPU, which may never finish.
-                // SAFETY: ends the process.
-                unsafe { libc::_exit(crate::dist::PEER_FAILED_EXIT_STATUS) };
+                exit_naming(rank, msg)
             }
         };
         group.watch(on_failure)?;
         Ok(Self {
-            rank: env.rank,
+            rank,
             world_size: env.world_size,
-            device,
+            device: Some(device),
             group: Some(group),
-            nccl,
+            backend: Collectives::Nccl(nccl),
         })
     }
 
     #[cfg(not(feature = "cuda"))]
-    pub fn start(_env: &DistEnv) -> anyhow::Result<Self> {
+    fn start_nccl(_env: &DistEnv, _timeout: Duration) -> anyhow::Result<Self> {
         bail!("multi-GPU training needs NCCL: build with `--features cuda`")
     }
 
@@ -82,12 +119,10 @@ impl Distributed {
 
     /// Sums `t` over the ranks, in place.
     pub fn all_reduce_sum(&self, t: &Tensor) -> anyhow::Result<()> {
-        #[cfg(feature = "cuda")]
-        return self.nccl.all_reduce_sum(t);
-        #[cfg(not(feature = "cuda"))]
-        {
-            let _ = t;
-            bail!("built without CUDA")
+        match &self.backend {
+            #[cfg(feature = "cuda")]
+            Collectives::Nccl(n) => n.all_reduce_sum(t),
+            Collectives::Tcp(c) => c.lock().unwrap_or_else(|p| p.into_inner()).all_reduce_sum(t),
         }
     }
 
@@ -102,18 +137,17 @@ impl Distributed {
 
     /// Copies rank 0's `t` to every rank, in place.
     pub fn broadcast_from_main(&self, t: &Tensor) -> anyhow::Result<()> {
-        #[cfg(feature = "cuda")]
-        return self.nccl.broadcast(t, 0);
-        #[cfg(not(feature = "cuda"))]
-        {
-            let _ = t;
-            bail!("built without CUDA")
+        match &self.backend {
+            #[cfg(feature = "cuda")]
+            Collectives::Nccl(n) => n.broadcast(t, 0),
+            Collectives::Tcp(c) => c.lock().unwrap_or_else(|p| p.into_inner()).broadcast(t),
         }
     }
 
     /// Sums a few numbers over the ranks (one small collective, then a host copy).
     pub fn sum_values(&self, values: &[f64]) -> anyhow::Result<Vec<f64>> {
-        let t = Tensor::from_slice(values).to_device(Device::Cuda(self.device));
+        let device = self.device.map_or(Device::Cpu, Device::Cuda);
+        let t = Tensor::from_slice(values).to_device(device);
         self.all_reduce_sum(&t)?;
         Ok(Vec::<f64>::try_from(t.to_device(Device::Cpu).to_kind(Kind::Double))?)
     }

@@ -257,7 +257,9 @@ pub fn train(cmd: TrainCommand) -> anyhow::Result<()> {
             if cmd.args.gpus > 1 && cmd.args.gpus != env.world_size {
                 bail!("--gpus {} but the environment has a group of {}", cmd.args.gpus, env.world_size);
             }
-            Some(Arc::new(distributed::Distributed::start(env)?))
+            // NCCL between GPUs; TCP between processes training on CPUs.
+            let gpu = device_of(cmd.args.device)?.is_cuda();
+            Some(Arc::new(distributed::Distributed::start(env, gpu)?))
         }
         None => None,
     };
@@ -397,8 +399,8 @@ impl Trainer {
         dist: Option<Arc<distributed::Distributed>>,
     ) -> anyhow::Result<Self> {
         check_args(&args)?;
-        let device = match &dist {
-            Some(d) => Device::Cuda(d.device),
+        let device = match dist.as_ref().and_then(|d| d.device) {
+            Some(i) => Device::Cuda(i),
             None => device_of(args.device)?,
         };
         let world = dist.as_ref().map_or(1, |d| d.world_size);
@@ -515,7 +517,7 @@ impl Trainer {
     fn loader_config(&self, eval: bool) -> LoaderConfig {
         let cuda = self.device.is_cuda();
         let gpu = self.args.loader == LoaderKind::Gpu;
-        let device = self.dist.as_ref().map_or(0, |d| d.device);
+        let device = self.dist.as_ref().and_then(|d| d.device).unwrap_or(0);
         LoaderConfig {
             backend: if gpu { Backend::Gpu(self.args.gpu.options(device)) } else { Backend::Cpu },
             sampler: SamplerConfig {
