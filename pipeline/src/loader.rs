@@ -303,9 +303,9 @@ struct Task {
     epoch: u64,
 }
 
-/// A batch handed to the consumer. Its tensors borrow the loader's reused memory: they
-/// are valid while the `Batch` lives; copy them (`.copy()`, `.to_device(..)`) to keep
-/// them longer.
+/// A batch handed to the consumer. On the CPU path its tensors borrow the loader's reused
+/// memory: they are valid while the `Batch` lives; copy them (`.copy()`, `.to_device(..)`)
+/// to keep them longer. On the GPU path they are the batch's own, on the GPU.
 pub struct Batch {
     /// `[n, 3, H, W]` (NHWC memory, channels_last, when the layout is `Nhwc`).
     pub images: Tensor,
