@@ -64,6 +64,13 @@ pub enum Command {
     DistCheck(dist::DistCheckArgs),
 }
 
+/// Writes `line` and a newline to stderr in one write, so that the lines of several ranks
+/// sharing a terminal or pipe do not interleave (`eprintln!` may write in pieces).
+pub fn say(line: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
+}
+
 /// The arguments of the running command (without the program name): what the launcher
 /// gives each rank it starts.
 static INVOCATION: std::sync::Mutex<Vec<OsString>> = std::sync::Mutex::new(Vec::new());
@@ -117,7 +124,7 @@ where
                 ExitCode::from(clap_err.exit_code() as u8)
             }
             None => {
-                eprintln!("error: {e:#}");
+                say(&format!("error: {e:#}"));
                 ExitCode::FAILURE
             }
         },

@@ -140,7 +140,7 @@ pub fn dist_check(a: DistCheckArgs) -> anyhow::Result<()> {
     };
     let (payload, mut group) = rendezvous(&env, make_payload, timeout)?;
     group.watch(move |message| {
-        eprintln!("error: rank {rank} stops: {message}");
+        crate::say(&format!("error: rank {rank} stops: {message}"));
         std::process::exit(PEER_FAILED_EXIT_STATUS);
     })?;
     let line = serde_json::json!({

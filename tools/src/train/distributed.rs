@@ -50,7 +50,7 @@ enum Collectives {
 /// What a watchdog does when another rank fails: say so, and end this process without
 /// waiting on anything (a collective in flight may never finish).
 fn exit_naming(rank: usize, msg: &str) -> ! {
-    eprintln!("error: rank {rank} stops: {msg}");
+    crate::say(&format!("error: rank {rank} stops: {msg}"));
     // Not `exit`: its handlers could wait on the GPU, which may never finish.
     // SAFETY: ends the process.
     unsafe { libc::_exit(crate::dist::PEER_FAILED_EXIT_STATUS) }
