@@ -107,3 +107,36 @@ fn a_run_resumes_with_another_number_of_ranks() {
     // 3 steps on two ranks, then the rest of the epoch's 16 batches on one.
     assert_eq!(s["steps"], 3 + (16 - 6), "{s}");
 }
+
+#[test]
+fn a_rank_that_fails_in_training_stops_the_others_and_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path());
+    // Damage one training record: its CRC check fails on whichever rank reads it.
+    let shard = std::fs::read_dir(&data)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("train"))
+        .max_by_key(|p| p.metadata().unwrap().len())
+        .expect("a train shard");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xFF;
+    std::fs::write(&shard, bytes).unwrap();
+
+    let run = tmp.path().join("run");
+    let mut args = vec!["launch", "--nproc", "2", "--"];
+    args.extend(train_args(&data, run.to_str().unwrap(), "8"));
+    let started = std::time::Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_convnets")).args(&args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(120), "took {:?}: {err}", started.elapsed());
+    // The failing rank says which record; the launcher names that rank; the other rank
+    // stops because of it instead of waiting in a collective.
+    let name = shard.file_name().unwrap().to_string_lossy().to_string();
+    assert!(err.contains(&name), "{err}");
+    let failed = (0..2).find(|r| err.contains(&format!("error: rank {r} failed"))).expect(&err);
+    let other = 1 - failed;
+    assert!(err.contains(&format!("rank {other} stops: rank {failed} failed")), "{err}");
+}
