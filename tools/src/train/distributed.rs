@@ -38,6 +38,7 @@ pub struct Distributed {
     pub device: Option<usize>,
     group: Option<Group>,
     backend: Collectives,
+    stall: Option<StallWatch>,
 }
 
 /// NCCL between GPUs; TCP through rank 0 between CPU processes.
@@ -54,6 +55,19 @@ fn exit_naming(rank: usize, msg: &str) -> ! {
     // Not `exit`: its handlers could wait on the GPU, which may never finish.
     // SAFETY: ends the process.
     unsafe { libc::_exit(crate::dist::PEER_FAILED_EXIT_STATUS) }
+}
+
+/// A rank that made no progress for too long: say so, abort the collectives, and end the
+/// process; the others' watchdogs then stop them, naming this rank.
+fn stalled(rank: usize, since: Duration, abort: impl FnOnce()) {
+    crate::say(&format!(
+        "error: rank {rank}: no training step finished for {:.0} s: a collective never completed \
+         (ranks out of step, or a hung GPU; CONVNETS_COLLECTIVE_TIMEOUT_S sets the limit)",
+        since.as_secs_f64()
+    ));
+    abort();
+    // SAFETY: ends the process.
+    unsafe { libc::_exit(1) }
 }
 
 impl Distributed {
@@ -75,12 +89,14 @@ impl Distributed {
         };
         let tcp = TcpCollectives::connect(env, listener, port, timeout)?;
         group.watch(move |msg| exit_naming(rank, msg))?;
+        let stall = StallWatch::start(stall_timeout(), move |since| stalled(rank, since, || {}));
         Ok(Self {
             rank,
             world_size: env.world_size,
             device: None,
             group: Some(group),
             backend: Collectives::Tcp(std::sync::Mutex::new(tcp)),
+            stall: Some(stall),
         })
     }
 
@@ -99,12 +115,17 @@ impl Distributed {
             }
         };
         group.watch(on_failure)?;
+        let stall = {
+            let nccl = nccl.clone();
+            StallWatch::start(stall_timeout(), move |since| stalled(rank, since, move || nccl.abort()))
+        };
         Ok(Self {
             rank,
             world_size: env.world_size,
             device: Some(device),
             group: Some(group),
             backend: Collectives::Nccl(nccl),
+            stall: Some(stall),
         })
     }
 
@@ -115,6 +136,13 @@ impl Distributed {
 
     pub fn is_main(&self) -> bool {
         self.rank == 0
+    }
+
+    /// A training step (or an evaluation) finished: the group is not stuck.
+    pub fn progress(&self) {
+        if let Some(s) = &self.stall {
+            s.progress();
+        }
     }
 
     /// Sums `t` over the ranks, in place.
@@ -161,8 +189,96 @@ impl Distributed {
 
     /// The orderly end: the other ranks do not take the closed connections as a failure.
     pub fn finish(mut self) {
+        self.stall.take();
         if let Some(g) = self.group.take() {
             g.finish();
         }
+    }
+}
+
+/// Notices a rank that stopped making progress: a collective that never completes (ranks
+/// out of step, a hung GPU) would otherwise wait forever, as nothing died. The trainer
+/// calls `progress` when set-up is done and after every step; after `timeout` without
+/// one, `on_stall` runs once (like PyTorch's NCCL timeout, 10 minutes by default:
+/// `CONVNETS_COLLECTIVE_TIMEOUT_S`). Set-up (opening a large TFRecord folder can take
+/// minutes) is not timed: the watch is armed by the first `progress`.
+pub struct StallWatch {
+    last: std::sync::Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl StallWatch {
+    pub fn start(timeout: Duration, on_stall: impl FnOnce(Duration) + Send + 'static) -> Self {
+        use std::sync::atomic::Ordering;
+        let last = std::sync::Arc::new(std::sync::Mutex::new(None::<std::time::Instant>));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (l, s) = (last.clone(), stop.clone());
+        let tick = (timeout / 10).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                std::thread::sleep(tick);
+                let since = l.lock().unwrap_or_else(|p| p.into_inner()).map(|t| t.elapsed());
+                if let Some(since) = since.filter(|&d| d > timeout) {
+                    if !s.load(Ordering::Relaxed) {
+                        on_stall(since);
+                    }
+                    return;
+                }
+            }
+        });
+        Self { last, stop }
+    }
+
+    pub fn progress(&self) {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
+    }
+}
+
+impl Drop for StallWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// `CONVNETS_COLLECTIVE_TIMEOUT_S`, 600 s by default.
+pub fn stall_timeout() -> Duration {
+    let s = std::env::var("CONVNETS_COLLECTIVE_TIMEOUT_S")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|s| *s > 0.0)
+        .unwrap_or(600.0);
+    Duration::from_secs_f64(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    #[test]
+    fn a_stall_is_reported_once_and_progress_keeps_it_away() {
+        let (tx, rx) = mpsc::channel();
+        let watch = StallWatch::start(Duration::from_millis(150), move |since| tx.send(since).unwrap());
+        // Not armed before the first progress (set-up is not timed).
+        std::thread::sleep(Duration::from_millis(400));
+        assert!(rx.try_recv().is_err(), "set-up is not timed");
+        for _ in 0..6 {
+            std::thread::sleep(Duration::from_millis(50));
+            watch.progress();
+        }
+        assert!(rx.try_recv().is_err(), "no stall while progressing");
+        let since = rx.recv_timeout(Duration::from_secs(5)).expect("a stall");
+        assert!(since >= Duration::from_millis(150));
+        drop(watch);
+        assert!(rx.recv_timeout(Duration::from_millis(300)).is_err(), "reported once");
+    }
+
+    #[test]
+    fn a_stopped_watch_reports_nothing() {
+        let (tx, rx) = mpsc::channel();
+        let watch = StallWatch::start(Duration::from_millis(50), move |since| tx.send(since).unwrap());
+        watch.progress();
+        drop(watch);
+        assert!(rx.recv_timeout(Duration::from_millis(300)).is_err());
     }
 }

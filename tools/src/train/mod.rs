@@ -489,6 +489,7 @@ impl Trainer {
             for (_, t) in &buffers {
                 d.broadcast_from_main(t)?;
             }
+            d.progress();
         }
         if device.is_cuda() {
             tch::Cuda::cudnn_set_benchmark(true);
@@ -747,6 +748,7 @@ impl Trainer {
             return Ok(loss);
         };
         let v = d.sum_values(&[loss, f64::from(u8::from(interrupted()))])?;
+        d.progress();
         self.stop = v[1] > 0.0;
         Ok(v[0] / d.world_size as f64)
     }
@@ -762,6 +764,7 @@ impl Trainer {
         let Some(d) = &self.dist else { return Ok(r) };
         let n = r.images as f64;
         let s = d.sum_values(&[r.loss * n, r.top1 * n, r.top5 * n, n])?;
+        d.progress();
         let total = s[3].max(1.0);
         Ok(EvalResult { loss: s[0] / total, top1: s[1] / total, top5: s[2] / total, images: s[3] as u64 })
     }
