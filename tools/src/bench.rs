@@ -38,6 +38,7 @@ pub enum LoaderKind {
 pub enum DtypeArg {
     U8,
     F16,
+    Bf16,
     F32,
 }
 
@@ -141,6 +142,7 @@ fn loader(a: LoaderBenchArgs) -> anyhow::Result<()> {
             dtype: match a.dtype {
                 DtypeArg::U8 => OutputDtype::U8,
                 DtypeArg::F16 => OutputDtype::F16,
+                DtypeArg::Bf16 => OutputDtype::Bf16,
                 DtypeArg::F32 => OutputDtype::F32,
             },
             layout: match a.layout {

@@ -50,7 +50,7 @@
 //! # Ok::<(), convnets_pipeline::cpu::augment::AugmentError>(())
 //! ```
 
-use half::f16;
+use half::{bf16, f16};
 use half::slice::HalfFloatSliceExt;
 use serde::{Deserialize, Serialize};
 
@@ -62,6 +62,8 @@ pub enum OutputDtype {
     /// Resampled pixel values 0..=255, not normalised.
     U8,
     F16,
+    /// bfloat16 (8 exponent bits, like f32), rounded to nearest even.
+    Bf16,
     F32,
 }
 
@@ -70,7 +72,7 @@ impl OutputDtype {
     pub fn size(self) -> usize {
         match self {
             OutputDtype::U8 => 1,
-            OutputDtype::F16 => 2,
+            OutputDtype::F16 | OutputDtype::Bf16 => 2,
             OutputDtype::F32 => 4,
         }
     }
@@ -499,6 +501,7 @@ struct RowOutput {
     row_u8: Vec<u8>,
     row_f32: Vec<f32>,
     row_f16: Vec<f16>,
+    row_bf16: Vec<bf16>,
     /// Per-element scale and offset of an interleaved row (`v * scale + offset`).
     scale: Vec<f32>,
     offset: Vec<f32>,
@@ -515,6 +518,9 @@ impl RowOutput {
         self.row_f32.resize(n, 0.0);
         if spec.dtype == OutputDtype::F16 {
             self.row_f16.resize(n, f16::ZERO);
+        }
+        if spec.dtype == OutputDtype::Bf16 {
+            self.row_bf16.resize(n, bf16::ZERO);
         }
         let (s, o) = spec.scale_offset();
         self.scale.clear();
@@ -569,12 +575,18 @@ impl RowOutput {
                 }
             }
         }
-        let bytes: &[u8] = if spec.dtype == OutputDtype::F16 {
-            let halves = &mut self.row_f16[..row_len];
-            halves.convert_from_f32_slice(values);
-            f16_bytes(halves)
-        } else {
-            f32_bytes(values)
+        let bytes: &[u8] = match spec.dtype {
+            OutputDtype::F16 => {
+                let halves = &mut self.row_f16[..row_len];
+                halves.convert_from_f32_slice(values);
+                half_bytes(halves)
+            }
+            OutputDtype::Bf16 => {
+                let halves = &mut self.row_bf16[..row_len];
+                halves.convert_from_f32_slice(values);
+                half_bytes(halves)
+            }
+            _ => f32_bytes(values),
         };
         match spec.layout {
             Layout::Nhwc => out[yy * bytes.len()..][..bytes.len()].copy_from_slice(bytes),
@@ -604,9 +616,9 @@ fn f32_bytes(values: &[f32]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(values.as_ptr().cast(), std::mem::size_of_val(values)) }
 }
 
-/// The native-endian bytes of `values`.
-fn f16_bytes(values: &[f16]) -> &[u8] {
-    // SAFETY: as for `f32_bytes`; `f16` is a plain 16-bit value.
+/// The native-endian bytes of `values` (`f16` or `bf16`).
+fn half_bytes<T: Copy>(values: &[T]) -> &[u8] {
+    // SAFETY: as for `f32_bytes`; both half types are plain 16-bit values.
     unsafe { std::slice::from_raw_parts(values.as_ptr().cast(), std::mem::size_of_val(values)) }
 }
 
@@ -975,6 +987,13 @@ mod tests {
             .collect()
     }
 
+    fn bf16s(bytes: &[u8]) -> Vec<f32> {
+        bytes
+            .chunks_exact(2)
+            .map(|b| bf16::from_ne_bytes(b.try_into().unwrap()).to_f32())
+            .collect()
+    }
+
     #[test]
     fn identity_crop_reproduces_the_input() {
         let (w, h) = (37, 23);
@@ -1064,6 +1083,13 @@ mod tests {
             &crop,
             &spec(56, 56, OutputDtype::F16, Layout::Nchw),
         ));
+        let brain = bf16s(&run(
+            &img,
+            w,
+            h,
+            &crop,
+            &spec(56, 56, OutputDtype::Bf16, Layout::Nhwc),
+        ));
         let n = Normalize::default();
         let plane = 56 * 56;
         for (i, ((&v, &f), &h)) in levels.iter().zip(&full).zip(&half).enumerate() {
@@ -1072,6 +1098,10 @@ mod tests {
             assert!((f - want).abs() < 1e-5, "f32 {f} vs {want}");
             // f16 keeps 11 significant bits: |x| < 2.7 rounds to within 2^-10.
             assert!((h - f).abs() <= 1.0 / 1024.0, "f16 {h} vs f32 {f}");
+            // bf16 keeps 8, rounded to nearest even (the NHWC sample holds the same
+            // values as the NCHW one: pixel i % plane, channel c).
+            let b = brain[(i % plane) * 3 + c];
+            assert_eq!(b, half::bf16::from_f32(f).to_f32(), "bf16 {b} vs f32 {f}");
         }
         // No normalisation: float output is x / 255 (ToTensor).
         let s = OutputSpec {

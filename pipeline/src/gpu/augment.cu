@@ -57,7 +57,15 @@ __device__ __forceinline__ unsigned short to_half(float v) {
     return h;
 }
 
-// dtype: 0 u8, 1 f16, 2 f32. layout: 0 NCHW, 1 NHWC.
+// bfloat16, rounded to nearest even (as the CPU path's `half::bf16::from_f32`); done by
+// hand so that the kernel builds for GPUs without bf16 instructions too.
+__device__ __forceinline__ unsigned short to_bf16(float v) {
+    unsigned int u = __float_as_uint(v);
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (unsigned short)(u >> 16);
+}
+
+// dtype: 0 u8, 1 f16, 2 f32, 3 bf16. layout: 0 NCHW, 1 NHWC.
 // scale/offset: per channel, out = round(v) * scale + offset (u8 output ignores them).
 extern "C" __global__ void crop_resize_normalize(
     const Sample* __restrict__ samples,
@@ -120,6 +128,11 @@ extern "C" __global__ void crop_resize_normalize(
         o[i0] = to_half(v0 * s0 + o0);
         o[i0 + step] = to_half(v1 * s1 + o1);
         o[i0 + 2 * step] = to_half(v2 * s2 + o2);
+    } else if (dtype == 3) {
+        unsigned short* o = (unsigned short*)out;
+        o[i0] = to_bf16(v0 * s0 + o0);
+        o[i0 + step] = to_bf16(v1 * s1 + o1);
+        o[i0 + 2 * step] = to_bf16(v2 * s2 + o2);
     } else {
         float* o = (float*)out;
         o[i0] = v0 * s0 + o0;

@@ -845,6 +845,7 @@ impl Lane {
         let kind = match out.dtype {
             OutputDtype::U8 => Kind::Uint8,
             OutputDtype::F16 => Kind::Half,
+            OutputDtype::Bf16 => Kind::BFloat16,
             OutputDtype::F32 => Kind::Float,
         };
         let images = match out.layout {
