@@ -43,6 +43,17 @@ pub enum Transform {
     Eval(CenterCrop),
 }
 
+impl Transform {
+    /// How the resampling filter treats the crop window's edges: training crops first
+    /// (torchvision's RandomResizedCrop), evaluation resizes the whole image first.
+    pub fn window_edges(&self) -> WindowEdges {
+        match self {
+            Transform::Train(_) => WindowEdges::Crop,
+            Transform::Eval(_) => WindowEdges::Image,
+        }
+    }
+}
+
 /// What to do with a record that cannot be decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub enum BadRecordPolicy {
@@ -745,44 +756,37 @@ fn plan_batches(
     tasks: Sender<Task>,
     stop: Receiver<()>,
 ) {
-    let mut seq = 0u64;
-    let mut epoch = start.epoch;
-    let mut first = start.batch;
-    loop {
-        for (k, samples) in sampler.epoch_batches(epoch, first).into_iter().enumerate() {
-            let slot = crossbeam::select! {
-                recv(free) -> slot => match slot { Ok(s) => s, Err(_) => return },
-                recv(stop) -> _ => return,
-            };
-            {
-                let mut job = lock(&slot.job);
-                job.seq = seq;
-                job.epoch = epoch;
-                job.index = first + k;
-                job.samples.clear();
-                job.samples.extend_from_slice(&samples);
-                job.skipped.clear();
-                job.skipped.resize(samples.len(), false);
-                job.skipped_records.clear();
-                job.error = None;
-            }
-            slot.remaining.store(samples.len(), Ordering::Release);
-            for (pos, &sample) in samples.iter().enumerate() {
-                let task = Task {
-                    slot: slot.clone(),
-                    pos,
-                    sample,
-                    epoch,
-                };
-                crossbeam::select! {
-                    send(tasks, task) -> r => if r.is_err() { return },
-                    recv(stop) -> _ => return,
-                }
-            }
-            seq += 1;
+    for batch in sampler.batches_from(start.epoch, start.batch) {
+        let slot = crossbeam::select! {
+            recv(free) -> slot => match slot { Ok(s) => s, Err(_) => return },
+            recv(stop) -> _ => return,
+        };
+        let (epoch, samples) = (batch.epoch, &batch.samples);
+        {
+            let mut job = lock(&slot.job);
+            job.seq = batch.seq;
+            job.epoch = epoch;
+            job.index = batch.index;
+            job.samples.clear();
+            job.samples.extend_from_slice(samples);
+            job.skipped.clear();
+            job.skipped.resize(samples.len(), false);
+            job.skipped_records.clear();
+            job.error = None;
         }
-        epoch += 1;
-        first = 0;
+        slot.remaining.store(samples.len(), Ordering::Release);
+        for (pos, &sample) in samples.iter().enumerate() {
+            let task = Task {
+                slot: slot.clone(),
+                pos,
+                sample,
+                epoch,
+            };
+            crossbeam::select! {
+                send(tasks, task) -> r => if r.is_err() { return },
+                recv(stop) -> _ => return,
+            }
+        }
     }
 }
 
@@ -809,10 +813,7 @@ impl WorkerContext {
         let mut scratch = match decoder {
             Ok(decoder) => Scratch {
                 decoder,
-                augmenter: match self.cfg.transform {
-                    Transform::Train(_) => Augmenter::with_edges(WindowEdges::Crop),
-                    Transform::Eval(_) => Augmenter::with_edges(WindowEdges::Image),
-                },
+                augmenter: Augmenter::with_edges(self.cfg.transform.window_edges()),
                 image: RgbImage {
                     width: 0,
                     height: 0,

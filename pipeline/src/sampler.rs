@@ -120,6 +120,27 @@ impl Sampler {
         batch_count(n, self.cfg.batch_size, self.cfg.last_batch)
     }
 
+    /// Every batch from batch `first_batch` of `epoch` on, epoch after epoch without end,
+    /// numbered from 0 in the order a loader delivers them. Each epoch's batches are made
+    /// when the stream reaches it.
+    pub fn batches_from(&self, epoch: u64, first_batch: usize) -> impl Iterator<Item = PlannedBatch> + '_ {
+        (epoch..)
+            .flat_map(move |e| {
+                let first = if e == epoch { first_batch } else { 0 };
+                self.epoch_batches(e, first)
+                    .into_iter()
+                    .enumerate()
+                    .map(move |(k, samples)| (e, first + k, samples))
+            })
+            .zip(0u64..)
+            .map(|((epoch, index, samples), seq)| PlannedBatch {
+                seq,
+                epoch,
+                index,
+                samples,
+            })
+    }
+
     /// The batches of one epoch, from `first_batch` on (resume skips nothing else).
     pub fn epoch_batches(&self, epoch: u64, first_batch: usize) -> Vec<Vec<Sample>> {
         let samples = self.rank_samples(epoch);
@@ -165,6 +186,17 @@ pub fn epoch_permutation(len: usize, seed: u64, epoch: u64) -> Vec<u32> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(mix(seed, epoch));
     order.shuffle(&mut rng);
     order
+}
+
+/// One batch of a loader's stream ([`Sampler::batches_from`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedBatch {
+    /// Position in the stream, from 0.
+    pub seq: u64,
+    pub epoch: u64,
+    /// Index of the batch within its epoch.
+    pub index: usize,
+    pub samples: Vec<Sample>,
 }
 
 /// Seed of one sample's augmentation: depends only on (seed, epoch, record index), so
@@ -255,6 +287,19 @@ mod tests {
         let s = sampler(50, 1, 2, true, LastBatch::Drop);
         let all = s.epoch_batches(3, 0);
         assert_eq!(s.epoch_batches(3, 2), all[2..].to_vec());
+    }
+
+    #[test]
+    fn the_stream_goes_on_into_the_next_epochs_numbered_in_order() {
+        let s = sampler(50, 1, 2, true, LastBatch::Drop);
+        let (e3, e4) = (s.epoch_batches(3, 2), s.epoch_batches(4, 0));
+        let stream: Vec<PlannedBatch> = s.batches_from(3, 2).take(e3.len() + e4.len() + 1).collect();
+        let expected = e3.iter().enumerate().map(|(k, b)| (3, k + 2, b))
+            .chain(e4.iter().enumerate().map(|(k, b)| (4, k, b)));
+        for (seq, (got, (epoch, index, samples))) in stream.iter().zip(expected).enumerate() {
+            assert_eq!((got.seq, got.epoch, got.index, &got.samples), (seq as u64, epoch, index, samples));
+        }
+        assert_eq!(stream.last().map(|b| (b.epoch, b.index)), Some((5, 0)));
     }
 
     #[test]

@@ -35,14 +35,14 @@ use tch::{Device, Kind, Tensor};
 use super::kernel::{AugmentKernel, SampleParams, SourceLayout};
 use super::memory::{DeviceBuffer, PinnedBuffer};
 use super::nvjpeg::{BatchDecoder, Library, Target};
-use crate::cpu::augment::{Layout, OutputDtype, OutputSpec, Span, WindowEdges};
+use crate::cpu::augment::{Layout, OutputDtype, OutputSpec, Span};
 use crate::cpu::decode::{CpuDecoder, DecodeLimits, RgbImage};
 use crate::loader::{
     record_error, sampler_for, BadRecordPolicy, Batch, Counters, GpuOptions, LoaderConfig, LoaderState,
     LoaderStats, Position, SkippedRecord, Transform,
 };
 use crate::plan::CropWindow;
-use crate::sampler::{sample_seed, Sample, Sampler};
+use crate::sampler::{sample_seed, PlannedBatch, Sample, Sampler};
 use crate::{Error, Result};
 
 const DEFAULT_LANES: usize = 4;
@@ -69,14 +69,6 @@ fn unit(h: u64) -> f64 {
 
 fn cuda(what: &str, e: impl std::fmt::Debug) -> Error {
     Error::Cuda(format!("{what}: {e:?}"))
-}
-
-/// One batch for a lane.
-struct BatchJob {
-    seq: u64,
-    epoch: u64,
-    index: usize,
-    samples: Vec<Sample>,
 }
 
 /// A lane's finished batch: tensors being written on the lane's stream until `done`.
@@ -181,7 +173,7 @@ impl GpuLoader {
         let counters = Arc::new(Counters::default());
         let null_stream = ctx.default_stream();
 
-        let (job_tx, job_rx) = bounded::<BatchJob>(1);
+        let (job_tx, job_rx) = bounded::<PlannedBatch>(1);
         let (ready_tx, ready_rx) = bounded::<Finished>(cfg.prefetch.max(1));
         let (cpu_tx, cpu_rx) = unbounded::<CpuJob>();
         let (stop_tx, stop_rx) = bounded::<()>(0);
@@ -354,26 +346,12 @@ impl Drop for GpuLoader {
     }
 }
 
-fn plan_batches(sampler: Sampler, start: LoaderState, jobs: Sender<BatchJob>, stop: Receiver<()>) {
-    let mut seq = 0u64;
-    let mut epoch = start.epoch;
-    let mut first = start.batch;
-    loop {
-        for (k, samples) in sampler.epoch_batches(epoch, first).into_iter().enumerate() {
-            let job = BatchJob {
-                seq,
-                epoch,
-                index: first + k,
-                samples,
-            };
-            crossbeam::select! {
-                send(jobs, job) -> r => if r.is_err() { return },
-                recv(stop) -> _ => return,
-            }
-            seq += 1;
+fn plan_batches(sampler: Sampler, start: LoaderState, jobs: Sender<PlannedBatch>, stop: Receiver<()>) {
+    for job in sampler.batches_from(start.epoch, start.batch) {
+        crossbeam::select! {
+            send(jobs, job) -> r => if r.is_err() { return },
+            recv(stop) -> _ => return,
         }
-        epoch += 1;
-        first = 0;
     }
 }
 
@@ -524,7 +502,7 @@ impl Lane {
         self.bytes.store(b as u64, Ordering::Relaxed);
     }
 
-    fn run(mut self, jobs: Receiver<BatchJob>, ready: Sender<Finished>) {
+    fn run(mut self, jobs: Receiver<PlannedBatch>, ready: Sender<Finished>) {
         // nvJPEG allocates through the runtime API, which needs the context current on
         // this thread (without it the first batch fails with an allocator error).
         if let Err(e) = self.stream.context().bind_to_thread() {
@@ -549,7 +527,7 @@ impl Lane {
     }
 
     /// A batch with no result yet.
-    fn process_nothing(&self, job: BatchJob) -> Finished {
+    fn process_nothing(&self, job: PlannedBatch) -> Finished {
         let n = job.samples.len();
         Finished {
             seq: job.seq,
@@ -562,7 +540,7 @@ impl Lane {
         }
     }
 
-    fn process(&mut self, job: BatchJob) -> Finished {
+    fn process(&mut self, job: PlannedBatch) -> Finished {
         let epoch = job.epoch;
         let mut f = self.process_nothing(job);
         f.result = self.build(epoch, &f.samples, &mut f.skipped, &mut f.skipped_records);
@@ -766,10 +744,7 @@ impl Lane {
         self.params_host.reserve(n)?;
         let params = self.params_host.slice_mut(n);
         let out = self.cfg.output;
-        let edges = match self.cfg.transform {
-            Transform::Train(_) => WindowEdges::Crop,
-            Transform::Eval(_) => WindowEdges::Image,
-        };
+        let edges = self.cfg.transform.window_edges();
         let mut good = None;
         let mut cpu_off = 0usize;
         for (pos, p) in planned.iter().enumerate() {
@@ -903,7 +878,7 @@ impl Lane {
     ) -> Option<HwPlan> {
         let decoder = self.decoder.as_mut()?;
         let train = matches!(self.cfg.transform, Transform::Train(_));
-        let edges = if train { WindowEdges::Crop } else { WindowEdges::Image };
+        let edges = self.cfg.transform.window_edges();
         let x = Span::new(crop.x, crop.width, w, edges)?;
         let y = Span::new(crop.y, crop.height, h, edges)?;
         let roi = (train && self.opts.roi).then(|| {
