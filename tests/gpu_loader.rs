@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use common::*;
-use convnets_formats::{ClassInfo, Dataset, Manifest, RecordSource, ShardInfo, ShardWriter, SplitInfo};
+use convnets_formats::{Dataset, RecordSource};
 use convnets_pipeline::cpu::augment::{Layout, OutputDtype, OutputSpec};
 use convnets_pipeline::loader::{
     Backend, BadRecordPolicy, Batch, GpuOptions, Loader, LoaderConfig, LoaderState, Transform,
@@ -19,28 +19,8 @@ use convnets_pipeline::plan::CenterCrop;
 use convnets_pipeline::sampler::SamplerConfig;
 use tch::{Device, Kind, Tensor};
 
-/// Writes one shard of `records` (bytes, label, width, height) as split "train".
 fn dataset(dir: &Path, records: &[(Vec<u8>, u32, u32, u32)]) -> Result<Arc<dyn RecordSource>> {
-    std::fs::create_dir_all(dir)?;
-    let mut w = ShardWriter::create(&dir.join("s-0.cnr"))?;
-    for (data, label, width, height) in records {
-        w.append(data, *label, *width, *height)?;
-    }
-    let s = w.finish()?;
-    let mut m = Manifest::new(
-        (0..4)
-            .map(|i| ClassInfo { wnid: format!("n{i}"), name: format!("c{i}") })
-            .collect(),
-    );
-    m.splits.insert(
-        "train".into(),
-        SplitInfo {
-            records: records.len() as u64,
-            shards: vec![ShardInfo { file: "s-0.cnr".into(), records: records.len() as u64, bytes: s.bytes, crc32c: s.crc32c }],
-        },
-    );
-    m.save(dir)?;
-    Ok(Arc::new(Dataset::open(dir)?.split("train")?))
+    one_shard_split(dir, records, 4)
 }
 
 /// Baseline JPEGs of assorted sizes (the hardware decoder's diet).

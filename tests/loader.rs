@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use common::*;
-use convnets_formats::{ClassInfo, Dataset, Manifest, RecordSource, ShardInfo, ShardWriter, SplitInfo};
+use convnets_formats::{Dataset, RecordSource};
 use convnets_pipeline::cpu::augment::{Layout, OutputDtype, OutputSpec};
 use convnets_pipeline::loader::{BadRecordPolicy, Loader, LoaderConfig, LoaderState, Transform};
 use convnets_pipeline::plan::CenterCrop;
@@ -199,28 +199,13 @@ fn u8_nhwc_holds_the_same_pixels_as_f32_nchw() -> Result<()> {
 
 /// A dataset whose record 2 has a valid CRC but is not a decodable JPEG.
 fn with_bad_record(dir: &Path) -> Result<Arc<dyn RecordSource>> {
-    let mut w = ShardWriter::create(&dir.join("s-0.cnr"))?;
-    for i in 0..6u32 {
-        if i == 2 {
-            w.append(b"\xFF\xD8 definitely not a jpeg", 0, 64, 48)?;
-        } else {
-            w.append(&baseline_jpeg(64, 48, u64::from(i)), i % 2, 64, 48)?;
-        }
-    }
-    let s = w.finish()?;
-    let mut m = Manifest::new(vec![
-        ClassInfo { wnid: "n0".into(), name: "a".into() },
-        ClassInfo { wnid: "n1".into(), name: "b".into() },
-    ]);
-    m.splits.insert(
-        "train".into(),
-        SplitInfo {
-            records: 6,
-            shards: vec![ShardInfo { file: "s-0.cnr".into(), records: 6, bytes: s.bytes, crc32c: s.crc32c }],
-        },
-    );
-    m.save(dir)?;
-    Ok(Arc::new(Dataset::open(dir)?.split("train")?))
+    let records: Vec<_> = (0..6u32)
+        .map(|i| match i {
+            2 => (b"\xFF\xD8 definitely not a jpeg".to_vec(), 0, 64, 48),
+            _ => (baseline_jpeg(64, 48, u64::from(i)), i % 2, 64, 48),
+        })
+        .collect();
+    one_shard_split(dir, &records, 2)
 }
 
 #[test]

@@ -597,6 +597,36 @@ pub fn expect_err<T: std::fmt::Debug>(result: Result<T>, needles: &[&str]) -> Re
 // Reading packed datasets
 
 /// Every record of `split` in global order.
+/// Writes `records` (bytes, label, width, height) as the one shard `s-0.cnr` of split
+/// "train" in `dir`, with a manifest of `classes` classes, and opens that split: datasets
+/// whose every record the test chooses (broken ones included).
+pub fn one_shard_split(
+    dir: &Path,
+    records: &[(Vec<u8>, u32, u32, u32)],
+    classes: usize,
+) -> Result<std::sync::Arc<dyn RecordSource>> {
+    use convnets_formats::{ClassInfo, Manifest, ShardInfo, ShardWriter, SplitInfo};
+    std::fs::create_dir_all(dir)?;
+    let mut w = ShardWriter::create(&dir.join("s-0.cnr"))?;
+    for (data, label, width, height) in records {
+        w.append(data, *label, *width, *height)?;
+    }
+    let s = w.finish()?;
+    let mut m = Manifest::new(
+        (0..classes).map(|i| ClassInfo { wnid: format!("n{i}"), name: format!("c{i}") }).collect(),
+    );
+    let n = records.len() as u64;
+    m.splits.insert(
+        "train".into(),
+        SplitInfo {
+            records: n,
+            shards: vec![ShardInfo { file: "s-0.cnr".into(), records: n, bytes: s.bytes, crc32c: s.crc32c }],
+        },
+    );
+    m.save(dir)?;
+    Ok(std::sync::Arc::new(Dataset::open(dir)?.split("train")?))
+}
+
 pub fn read_all(ds: &Dataset, split: &str) -> Result<Vec<Record>> {
     let reader = ds.split(split)?;
     (0..reader.len())
