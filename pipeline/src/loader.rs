@@ -109,9 +109,12 @@ pub struct LoaderConfig {
     pub sampler: SamplerConfig,
     pub transform: Transform,
     pub output: OutputSpec,
-    /// Decode + augment threads (0: one per core). On the GPU path these decode what the
-    /// hardware decoder does not.
+    /// Decode + augment threads (0: one per core of this process's share, see
+    /// `local_processes`). On the GPU path these decode what the hardware decoder does not.
     pub threads: usize,
+    /// Processes on this machine that each run a loader (one per local data-parallel
+    /// rank): with `threads: 0` each takes an equal share of the cores.
+    pub local_processes: usize,
     /// Finished batches kept ready ahead of the consumer.
     pub prefetch: usize,
     pub on_bad_record: BadRecordPolicy,
@@ -122,6 +125,15 @@ pub struct LoaderConfig {
     /// Allocate batch memory page-locked, for fast (and asynchronous) copies to this GPU.
     /// (CPU path; GPU batches are in device memory already.)
     pub pin_memory: Option<Device>,
+}
+
+impl LoaderConfig {
+    /// The cores this loader may keep busy: the machine's, shared with the other local
+    /// processes that run one.
+    pub fn cores(&self) -> usize {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (cores / self.local_processes.max(1)).max(1)
+    }
 }
 
 impl Default for LoaderConfig {
@@ -138,6 +150,7 @@ impl Default for LoaderConfig {
                 normalize: Some(Default::default()),
             },
             threads: 0,
+            local_processes: 1,
             prefetch: 2,
             on_bad_record: BadRecordPolicy::Error,
             max_pixels: DecodeLimits::default().max_pixels,
@@ -559,7 +572,7 @@ impl CpuLoader {
         let sampler = sampler_for(source.as_ref(), &cfg, state)?;
         let batches_per_epoch = sampler.batches_per_epoch();
         let workers = if cfg.threads == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
+            cfg.cores()
         } else {
             cfg.threads
         };

@@ -86,6 +86,25 @@ fn two_ranks_train_like_one_process_with_the_whole_batch() {
     assert!(mean < 0.25, "mean difference {mean}");
     // Only rank 0 writes: one log, one set of checkpoints.
     assert!(two.join("checkpoints/best/model.safetensors").is_file());
+
+    // Gradients sent as f16: the replicas still agree exactly (all take the same rounded
+    // mean), and the run follows the f32 one up to the rounding.
+    let half = tmp.path().join("half");
+    let mut args = vec!["launch", "--nproc", "2", "--"];
+    args.extend(train_args(&data, half.to_str().unwrap(), "8"));
+    args.extend(["--allreduce-dtype", "f16"]);
+    convnets(&args);
+    assert_eq!(summary(&half)["weight_difference_across_ranks"], 0.0);
+    let c = log(&half, "train");
+    assert_eq!(c.len(), b.len());
+    let diffs: Vec<f64> = b
+        .iter()
+        .zip(&c)
+        .map(|(x, y)| (x["loss"].as_f64().unwrap() - y["loss"].as_f64().unwrap()).abs())
+        .collect();
+    println!("per-step |loss(f32 all-reduce) - loss(f16 all-reduce)|: {diffs:.4?}");
+    assert!(diffs[0] == 0.0, "the first loss comes before any all-reduce: {}", diffs[0]);
+    assert!(diffs.iter().all(|&d| d < 0.05), "{diffs:?}");
 }
 
 #[test]

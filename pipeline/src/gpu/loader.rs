@@ -161,8 +161,7 @@ impl GpuLoader {
         let lanes = if opts.lanes == 0 { DEFAULT_LANES } else { opts.lanes };
         // The lanes keep a core each busy feeding the hardware decoder.
         let cpu_threads = if cfg.threads == 0 {
-            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-            cores.saturating_sub(lanes).max(1)
+            cfg.cores().saturating_sub(lanes).max(1)
         } else {
             cfg.threads
         };

@@ -3,8 +3,9 @@
 //! Sources, first match wins:
 //! - torchrun and `convnets launch`: `RANK`, `WORLD_SIZE`, `LOCAL_RANK` (all required once
 //!   `WORLD_SIZE` is set), `LOCAL_WORLD_SIZE` (optional), `MASTER_ADDR`, `MASTER_PORT`.
-//! - SLURM (`srun`): `SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID`; `MASTER_ADDR` is
-//!   required (SLURM does not name a rank-0 host).
+//! - SLURM (`srun`): `SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID`,
+//!   `SLURM_NTASKS_PER_NODE` (optional); `MASTER_ADDR` is required (SLURM does not name a
+//!   rank-0 host).
 //! - Open MPI (`mpirun`): `OMPI_COMM_WORLD_RANK`, `OMPI_COMM_WORLD_SIZE`,
 //!   `OMPI_COMM_WORLD_LOCAL_RANK`, `OMPI_COMM_WORLD_LOCAL_SIZE` (optional).
 //!
@@ -27,6 +28,9 @@ pub struct DistEnv {
     pub world_size: usize,
     /// This process's index among the group's processes on this machine (picks its GPU).
     pub local_rank: usize,
+    /// How many of the group's processes run on this machine, when the launcher says
+    /// (they share its cores).
+    pub local_world_size: Option<usize>,
     /// Host name or address where rank 0 listens.
     pub master_addr: String,
     /// Port where rank 0 listens.
@@ -58,7 +62,8 @@ const SLURM: Source = Source {
     rank: "SLURM_PROCID",
     world_size: "SLURM_NTASKS",
     local_rank: "SLURM_LOCALID",
-    local_world_size: None,
+    // Set by `--ntasks-per-node`.
+    local_world_size: Some("SLURM_NTASKS_PER_NODE"),
     local_default_addr: false,
 };
 const OPEN_MPI: Source = Source {
@@ -151,7 +156,8 @@ impl DistEnv {
                 Ok(port) => port,
             },
         };
-        Ok(Some(DistEnv { rank, world_size, local_rank, master_addr, master_port }))
+        let local_world_size = local_world_size.map(|(_, n)| n);
+        Ok(Some(DistEnv { rank, world_size, local_rank, local_world_size, master_addr, master_port }))
     }
 }
 
@@ -174,7 +180,11 @@ mod tests {
     }
 
     fn env(rank: usize, world_size: usize, local_rank: usize, addr: &str, port: u16) -> Option<DistEnv> {
-        Some(DistEnv { rank, world_size, local_rank, master_addr: addr.into(), master_port: port })
+        Some(DistEnv { rank, world_size, local_rank, local_world_size: None, master_addr: addr.into(), master_port: port })
+    }
+
+    fn with_local(env: Option<DistEnv>, n: usize) -> Option<DistEnv> {
+        env.map(|e| DistEnv { local_world_size: Some(n), ..e })
     }
 
     #[test]
@@ -190,14 +200,14 @@ mod tests {
     fn torchrun_variables() -> anyhow::Result<()> {
         let vars = [("RANK", "3"), ("WORLD_SIZE", "8"), ("LOCAL_RANK", "1"), ("LOCAL_WORLD_SIZE", "2"),
             ("MASTER_ADDR", "node0"), ("MASTER_PORT", "1234")];
-        assert_eq!(parse(&vars)?, env(3, 8, 1, "node0", 1234));
+        assert_eq!(parse(&vars)?, with_local(env(3, 8, 1, "node0", 1234), 2));
         Ok(())
     }
 
     #[test]
     fn master_addr_defaults_only_when_every_rank_is_local() -> anyhow::Result<()> {
         let local = [("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1"), ("LOCAL_WORLD_SIZE", "2")];
-        assert_eq!(parse(&local)?, env(1, 2, 1, "127.0.0.1", DEFAULT_MASTER_PORT));
+        assert_eq!(parse(&local)?, with_local(env(1, 2, 1, "127.0.0.1", DEFAULT_MASTER_PORT), 2));
         let e = error(&[("RANK", "1"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "1"), ("LOCAL_WORLD_SIZE", "2")]);
         assert!(e.contains("MASTER_ADDR is not set"), "{e}");
         let e = error(&[("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1")]);
@@ -215,6 +225,8 @@ mod tests {
         // torchrun's variables win over SLURM's (torchrun started inside an srun step).
         let both = [&with_addr[..], &[("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")]].concat();
         assert_eq!(parse(&both)?, env(0, 2, 0, "gpu-017", DEFAULT_MASTER_PORT));
+        let per_node = [&with_addr[..], &[("SLURM_NTASKS_PER_NODE", "4")]].concat();
+        assert_eq!(parse(&per_node)?, with_local(env(5, 16, 1, "gpu-017", DEFAULT_MASTER_PORT), 4));
         Ok(())
     }
 
@@ -222,7 +234,7 @@ mod tests {
     fn open_mpi_variables() -> anyhow::Result<()> {
         let vars = [("OMPI_COMM_WORLD_RANK", "2"), ("OMPI_COMM_WORLD_SIZE", "4"), ("OMPI_COMM_WORLD_LOCAL_RANK", "2"),
             ("OMPI_COMM_WORLD_LOCAL_SIZE", "4"), ("MASTER_PORT", "40000")];
-        assert_eq!(parse(&vars)?, env(2, 4, 2, "127.0.0.1", 40000));
+        assert_eq!(parse(&vars)?, with_local(env(2, 4, 2, "127.0.0.1", 40000), 4));
         Ok(())
     }
 

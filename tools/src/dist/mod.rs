@@ -186,8 +186,8 @@ fn crc32(bytes: &[u8]) -> u32 {
 }
 
 /// Sums over the group on the GPU, three ways: a libtorch tensor on the legacy default
-/// stream (what training does), the same on a separate stream, and a driver allocation
-/// on the legacy stream. Each entry says "ok", a wrong value, or the NCCL error.
+/// stream (what training does; also in f16 and bf16), the same on a separate stream, and a
+/// driver allocation on the legacy stream. Each entry says "ok", a wrong value, or the NCCL error.
 #[cfg(feature = "cuda")]
 fn nccl_diagnostics(env: &DistEnv, id: &[u8]) -> serde_json::Value {
     use tch::{Device, Kind, Tensor};
@@ -206,9 +206,15 @@ fn nccl_diagnostics(env: &DistEnv, id: &[u8]) -> serde_json::Value {
             }
         }
     };
-    let fresh = || Tensor::full([1024], (env.rank + 1) as f64, (Kind::Float, Device::Cuda(device)));
+    let fresh_of = |kind| Tensor::full([1024], (env.rank + 1) as f64, (kind, Device::Cuda(device)));
+    let fresh = || fresh_of(Kind::Float);
     let t = fresh();
     let torch_null = check(&t, comm.all_reduce_sum(&t));
+    // The narrow types of --allreduce-dtype (small integer sums are exact in both).
+    let [f16, bf16] = [Kind::Half, Kind::BFloat16].map(|kind| {
+        let t = fresh_of(kind);
+        check(&t, comm.all_reduce_sum(&t))
+    });
     let t = fresh();
     tch::Cuda::synchronize(device as i64);
     let stream = cudarc::driver::CudaContext::new(device).and_then(|c| c.new_stream());
@@ -233,6 +239,7 @@ fn nccl_diagnostics(env: &DistEnv, id: &[u8]) -> serde_json::Value {
         Err(e) => format!("{e:?}"),
     };
     serde_json::json!({ "device": device, "torch_tensor_default_stream": torch_null,
+        "torch_tensor_f16": f16, "torch_tensor_bf16": bf16,
         "torch_tensor_own_stream": torch_stream, "driver_buffer_default_stream": driver_null })
 }
 

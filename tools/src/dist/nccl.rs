@@ -21,11 +21,12 @@ struct UniqueId {
     internal: [c_char; ID_BYTES],
 }
 
-// ncclDataType_t and ncclRedOp_t values (stable across NCCL 2.x).
+// ncclDataType_t and ncclRedOp_t values (stable across NCCL 2.x; bf16 since 2.10).
 const NCCL_INT64: c_int = 4;
 const NCCL_FLOAT16: c_int = 6;
 const NCCL_FLOAT32: c_int = 7;
 const NCCL_FLOAT64: c_int = 8;
+const NCCL_BFLOAT16: c_int = 9; // NCCL >= 2.10
 const NCCL_SUM: c_int = 0;
 
 /// The NCCL entry points, taken from the NCCL libtorch already loaded (libtorch_cuda
@@ -140,6 +141,7 @@ impl Nccl {
         Ok(match t.kind() {
             Kind::Float => NCCL_FLOAT32,
             Kind::Half => NCCL_FLOAT16,
+            Kind::BFloat16 => NCCL_BFLOAT16,
             Kind::Double => NCCL_FLOAT64,
             Kind::Int64 => NCCL_INT64,
             k => bail!("NCCL: tensors of {k:?} are not supported"),

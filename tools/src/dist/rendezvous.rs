@@ -593,7 +593,7 @@ mod tests {
     }
 
     fn env(rank: usize, world_size: usize, port: u16) -> DistEnv {
-        DistEnv { rank, world_size, local_rank: rank, master_addr: "127.0.0.1".into(), master_port: port }
+        DistEnv { rank, world_size, local_rank: rank, local_world_size: Some(world_size), master_addr: "127.0.0.1".into(), master_port: port }
     }
 
     fn payload() -> anyhow::Result<Vec<u8>> {

@@ -88,7 +88,7 @@ impl TcpCollectives {
         Ok(Self { rank: env.rank, links })
     }
 
-    /// Sums `t` (1-D, f32/f64/i64, CPU) over the ranks, in place.
+    /// Sums `t` (1-D, f16/bf16/f32/f64/i64, CPU) over the ranks, in place.
     pub fn all_reduce_sum(&mut self, t: &Tensor) -> anyhow::Result<()> {
         let kind = t.kind();
         if self.rank == 0 {
@@ -135,6 +135,7 @@ fn check(t: &Tensor) -> anyhow::Result<()> {
 
 fn element_size(kind: Kind) -> anyhow::Result<usize> {
     Ok(match kind {
+        Kind::Half | Kind::BFloat16 => 2,
         Kind::Float => 4,
         Kind::Double | Kind::Int64 => 8,
         k => bail!("TCP collectives: tensors of {k:?} are not supported"),

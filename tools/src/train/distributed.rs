@@ -1,8 +1,9 @@
 //! One rank of a data-parallel run: the rendezvous (TCP, from the launcher's or
 //! torchrun's environment), then the collectives the trainer needs: NCCL on this rank's
 //! GPU, or, for processes training on CPUs, sums through rank 0 over TCP. Gradients are
-//! summed in place in the optimizer's flat buffer (one bucket, fp32) on libtorch's
-//! stream; BN statistics stay per replica, as in the seed.
+//! summed in the optimizer's flat buffer (one bucket, fp32, or a f16/bf16 copy of it with
+//! `--allreduce-dtype`) on libtorch's stream; BN statistics stay per replica, as in the
+//! seed.
 
 use std::time::Duration;
 
@@ -34,6 +35,8 @@ pub fn device_index(env: &DistEnv) -> usize {
 pub struct Distributed {
     pub rank: usize,
     pub world_size: usize,
+    /// The group's processes on this machine, when the launcher says.
+    pub local_world_size: Option<usize>,
     /// CUDA device index of this rank; `None` for a group of CPU processes.
     pub device: Option<usize>,
     group: Option<Group>,
@@ -93,6 +96,7 @@ impl Distributed {
         Ok(Self {
             rank,
             world_size: env.world_size,
+            local_world_size: env.local_world_size,
             device: None,
             group: Some(group),
             backend: Collectives::Tcp(std::sync::Mutex::new(tcp)),
@@ -122,6 +126,7 @@ impl Distributed {
         Ok(Self {
             rank,
             world_size: env.world_size,
+            local_world_size: env.local_world_size,
             device: Some(device),
             group: Some(group),
             backend: Collectives::Nccl(nccl),
@@ -160,6 +165,20 @@ impl Distributed {
         let _guard = tch::no_grad_guard();
         let mut t = t.shallow_clone();
         let _ = t.g_mul_scalar_(1.0 / self.world_size as f64);
+        Ok(())
+    }
+
+    /// Averages `t` over the ranks, in place, sending it as `kind` (a narrower float type
+    /// halves the traffic). Each rank divides before the sum so that fp16 stays in range.
+    pub fn all_reduce_mean_in(&self, t: &Tensor, kind: Kind) -> anyhow::Result<()> {
+        if kind == t.kind() {
+            return self.all_reduce_mean(t);
+        }
+        let _guard = tch::no_grad_guard();
+        let wire = (t * (1.0 / self.world_size as f64)).to_kind(kind);
+        self.all_reduce_sum(&wire)?;
+        let mut t = t.shallow_clone();
+        t.copy_(&wire);
         Ok(())
     }
 

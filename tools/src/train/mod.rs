@@ -55,6 +55,24 @@ pub enum DeviceArg {
     Cuda,
 }
 
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+pub enum AllReduceDtype {
+    #[default]
+    F32,
+    F16,
+    Bf16,
+}
+
+impl AllReduceDtype {
+    pub fn kind(self) -> Kind {
+        match self {
+            Self::F32 => Kind::Float,
+            Self::F16 => Kind::Half,
+            Self::Bf16 => Kind::BFloat16,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 pub enum ScheduleArg {
     Cosine,
@@ -163,6 +181,12 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 1)]
     #[serde(default = "one_usize")]
     pub gpus: usize,
+    /// The dtype gradients travel in between ranks. f16 and bf16 halve the traffic (like
+    /// DDP's fp16/bf16 compression hooks): each rank divides by the number of ranks first,
+    /// so the sum stays in range; the optimizer still steps in fp32.
+    #[arg(long, value_enum, default_value_t = AllReduceDtype::F32)]
+    #[serde(default)]
+    pub allreduce_dtype: AllReduceDtype,
     /// Run folder: log.jsonl, summary.json, checkpoints/.
     #[arg(long, short)]
     pub output: PathBuf,
@@ -404,6 +428,12 @@ impl Trainer {
             None => device_of(args.device)?,
         };
         let world = dist.as_ref().map_or(1, |d| d.world_size);
+        if let (Device::Cpu, Some(local)) = (device, dist.as_ref().and_then(|d| d.local_world_size)) {
+            // Ranks computing on the CPUs of one machine share its cores (as torchrun's
+            // OMP_NUM_THREADS does) rather than each starting one thread per core.
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            tch::set_num_threads((cores / local).max(1) as i32);
+        }
         let (train, val, classes) = match (&args.loader, &args.data) {
             (LoaderKind::Cpu | LoaderKind::Gpu, Some(data)) => {
                 let train = open_split(data, "train", 1)?;
@@ -543,6 +573,8 @@ impl Trainer {
                 normalize: Some(Default::default()),
             },
             threads: self.args.threads,
+            // Local ranks split the machine's cores between their loaders.
+            local_processes: self.dist.as_ref().and_then(|d| d.local_world_size).unwrap_or(1),
             prefetch: 3,
             on_bad_record: self.args.on_bad_record.into(),
             pin_memory: (cuda && !gpu).then_some(self.device),
@@ -710,7 +742,7 @@ impl Trainer {
         if let Some(d) = &self.dist {
             // The mean gradient over the ranks; every rank then takes the same step (and
             // the same skip decision on inf/NaN).
-            d.all_reduce_mean(self.sgd.flat_grads())?;
+            d.all_reduce_mean_in(self.sgd.flat_grads(), self.args.allreduce_dtype.kind())?;
         }
         let finite = self.sgd.grads_finite();
         if self.scaler.update(finite) {

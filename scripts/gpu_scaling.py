@@ -1,0 +1,141 @@
+#!/usr/bin/env python3
+"""Training throughput on 1..N GPUs of one machine: `convnets train --gpus G --amp` per
+model, with the GPU loader (ImageNet-like JPEGs, packed) and with `--loader synthetic`.
+
+Runs from dist/gpu (made by scripts/gpu-build). Each run's figure is the median img/s of
+its last three logging windows (all ranks together; the first windows include cuDNN
+autotuning and NCCL set-up). Results go to OUT/scaling.json after every run (so a run cut
+short still leaves the rows it finished) and the table is printed as Markdown.
+
+    python3 gpu_scaling.py --gpus 1,2,4,8
+    python3 gpu_scaling.py --archs resnet50 --gpus 1,2 --loaders gpu
+    python3 gpu_scaling.py --table a/scaling.json b/scaling.json   # merge, print
+"""
+import argparse, json, os, statistics, subprocess, sys, time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ARCHS = ["resnet50", "resnext101_32x4d", "seresnext101_32x4d"]
+
+
+def visible_gpus():
+    import torch
+    return torch.cuda.device_count()
+
+
+def dataset(work, convnets, images):
+    packed = os.path.join(work, "packed")
+    if os.path.exists(os.path.join(packed, "manifest.json")):
+        return packed
+    inet = os.path.join(work, "inet")
+    print(f"== data: {images} ImageNet-like JPEGs, packed", file=sys.stderr)
+    subprocess.run([sys.executable, os.path.join(HERE, "gen_imagenet_like.py"), os.path.join(inet, "train"),
+                    str(images), "100"], check=True, stdout=sys.stderr)
+    subprocess.run([convnets, "pack-imagenet", "-i", inet, "-o", packed, "-q"], check=True)
+    return packed
+
+
+def steady(log):
+    windows = [json.loads(l) for l in open(log) if '"train"' in l]
+    rates = [w["img_s"] for w in windows if w["type"] == "train"]
+    if len(rates) < 4:
+        raise RuntimeError(f"{log}: {len(rates)} logging windows; raise --steps")
+    return statistics.median(rates[-3:]), [round(r) for r in rates]
+
+
+def run(a, arch, loader, gpus, data):
+    out = os.path.join(a.work, f"{arch}-{loader}-{gpus}")
+    cmd = [a.convnets, "train", "--arch", arch, "--loader", loader, "--amp", "--gpus", str(gpus),
+           "--batch-size", str(a.batch_size), "--epochs", "1000", "--max-steps", str(a.steps),
+           "--log-every", str(a.log_every), "--eval-every", "0", "--keep-last", "0", "-o", out]
+    if loader != "synthetic":
+        cmd += ["--data", data]
+    print("== " + " ".join(cmd[1:]), file=sys.stderr)
+    subprocess.run(["rm", "-rf", out], check=True)
+    started = time.time()
+    p = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    row = {"arch": arch, "loader": loader, "gpus": gpus, "batch_per_gpu": a.batch_size,
+           "steps": a.steps, "wall_s": round(time.time() - started, 1), "command": "convnets " + " ".join(cmd[1:])}
+    if p.returncode != 0:
+        row["error"] = p.stderr.strip().splitlines()[-5:]
+        print("\n".join(row["error"]), file=sys.stderr)
+        return row
+    row["img_s"], row["windows"] = steady(os.path.join(out, "log.jsonl"))
+    return row
+
+
+def save(path, rows):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"rows": rows}, f, indent=1)
+    os.replace(tmp, path)
+
+
+def table(rows):
+    """Markdown: one line per (arch, loader), img/s and scaling efficiency per GPU count."""
+    counts = sorted({r["gpus"] for r in rows})
+    best = {}
+    for r in rows:
+        key = (r["arch"], r["loader"], r["gpus"])
+        if "img_s" in r:
+            best[key] = r["img_s"]
+        else:
+            best.setdefault(key, "failed")
+    head = "| arch | loader | " + " | ".join(f"{g} GPU{'s' if g > 1 else ''}" for g in counts) + " |"
+    lines = [head, "|" + "---|" * 2 + "---:|" * len(counts)]
+    keys = sorted({(r["arch"], r["loader"]) for r in rows}, key=lambda k: (ARCHS.index(k[0]) if k[0] in ARCHS else 9, k[1]))
+    for arch, loader in keys:
+        one = best.get((arch, loader, 1))
+        cells = []
+        for g in counts:
+            v = best.get((arch, loader, g))
+            if v is None or isinstance(v, str):
+                cells.append(v or "")
+            elif g == 1 or not isinstance(one, (int, float)):
+                cells.append(f"{v:,.0f}")
+            else:
+                cells.append(f"{v:,.0f} ({v / (g * one):.0%})")
+        lines.append(f"| {arch} | {loader} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\nimg/s of all GPUs together; in brackets, scaling efficiency: img/s(N) / (N x img/s(1))."
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--archs", default=",".join(ARCHS))
+    p.add_argument("--gpus", default="1,2,4,8", help="GPU counts; those above the visible GPUs are skipped")
+    p.add_argument("--loaders", default="gpu,synthetic")
+    p.add_argument("--batch-size", type=int, default=256, help="per GPU, as in the seed")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--images", type=int, default=40000, help="ImageNet-like JPEGs to make for the GPU loader")
+    p.add_argument("--convnets", default=os.path.join(HERE, "convnets"))
+    p.add_argument("--work", default=os.environ.get("WORK", "/tmp/convnets-scaling"))
+    p.add_argument("--out", default=os.environ.get("OUT", os.path.join(HERE, "scaling-results")))
+    p.add_argument("--table", nargs="+", metavar="JSON", help="only merge these results and print the table")
+    a = p.parse_args()
+    if a.table:
+        rows = [r for f in a.table for r in json.load(open(f))["rows"]]
+        print(table(rows))
+        return
+    os.makedirs(a.work, exist_ok=True)
+    os.makedirs(a.out, exist_ok=True)
+    have = visible_gpus()
+    counts = [int(g) for g in a.gpus.split(",")]
+    skipped = [g for g in counts if g > have]
+    if skipped:
+        print(f"skipping {skipped} GPUs: {have} visible", file=sys.stderr)
+    counts = [g for g in counts if g <= have]
+    loaders = a.loaders.split(",")
+    data = dataset(a.work, a.convnets, a.images) if any(l != "synthetic" for l in loaders) else None
+    rows, path = [], os.path.join(a.out, "scaling.json")
+    for arch in a.archs.split(","):
+        for loader in loaders:
+            for g in counts:
+                rows.append(run(a, arch, loader, g, data))
+                save(path, rows)
+    print(table(rows))
+    if any("error" in r for r in rows):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
