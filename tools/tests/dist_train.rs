@@ -51,6 +51,14 @@ fn summary(run: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(run.join("summary.json")).unwrap()).unwrap()
 }
 
+/// |loss a - loss b| per logged step.
+fn loss_differences(a: &[serde_json::Value], b: &[serde_json::Value]) -> Vec<f64> {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x["loss"].as_f64().unwrap() - y["loss"].as_f64().unwrap()).abs())
+        .collect()
+}
+
 #[test]
 fn two_ranks_train_like_one_process_with_the_whole_batch() {
     let tmp = tempfile::tempdir().unwrap();
@@ -74,11 +82,7 @@ fn two_ranks_train_like_one_process_with_the_whole_batch() {
     let (a, b) = (log(&one, "train"), log(&two, "train"));
     assert_eq!(a.len(), 8);
     assert_eq!(a.len(), b.len());
-    let diffs: Vec<f64> = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x["loss"].as_f64().unwrap() - y["loss"].as_f64().unwrap()).abs())
-        .collect();
+    let diffs = loss_differences(&a, &b);
     let mean = diffs.iter().sum::<f64>() / diffs.len() as f64;
     println!("per-step |loss(1 x 16) - loss(2 x 8)|: {diffs:.4?}, mean {mean:.4}");
     // Measured: 0.056 at the first step (same weights: BN alone), 0.073 on average.
@@ -97,11 +101,7 @@ fn two_ranks_train_like_one_process_with_the_whole_batch() {
     assert_eq!(summary(&half)["weight_difference_across_ranks"], 0.0);
     let c = log(&half, "train");
     assert_eq!(c.len(), b.len());
-    let diffs: Vec<f64> = b
-        .iter()
-        .zip(&c)
-        .map(|(x, y)| (x["loss"].as_f64().unwrap() - y["loss"].as_f64().unwrap()).abs())
-        .collect();
+    let diffs = loss_differences(&b, &c);
     println!("per-step |loss(f32 all-reduce) - loss(f16 all-reduce)|: {diffs:.4?}");
     assert!(diffs[0] == 0.0, "the first loss comes before any all-reduce: {}", diffs[0]);
     assert!(diffs.iter().all(|&d| d < 0.05), "{diffs:?}");
