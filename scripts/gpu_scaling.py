@@ -46,7 +46,7 @@ def run(a, arch, loader, gpus, data):
     out = os.path.join(a.work, f"{arch}-{loader}-{gpus}")
     cmd = [a.convnets, "train", "--arch", arch, "--loader", loader, "--amp", "--gpus", str(gpus),
            "--batch-size", str(a.batch_size), "--epochs", "1000", "--max-steps", str(a.steps),
-           "--log-every", str(a.log_every), "--eval-every", "0", "--keep-last", "0", "-o", out]
+           "--log-every", str(a.log_every), "--eval-every", "0", "-o", out]
     if loader != "synthetic":
         cmd += ["--data", data]
     print("== " + " ".join(cmd[1:]), file=sys.stderr)
