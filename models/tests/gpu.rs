@@ -27,43 +27,30 @@ const FP16_RTOL: f64 = 1e-2;
 /// fp16 autocast: ||diff|| / ||reference|| for gradients.
 const FP16_GRAD_L2: f64 = 0.1;
 
-/// ||ours - reference||_2 / ||reference||_2.
-fn rel_l2(ours: &Tensor, reference: &Tensor) -> Result<f64> {
-    let ours = ours.f_to_device(Device::Cpu)?.f_to_kind(Kind::Double)?;
-    let reference = reference
-        .f_to_device(Device::Cpu)?
-        .f_to_kind(Kind::Double)?;
-    let diff = ours
-        .f_sub(&reference)?
-        .f_square()?
-        .f_sum(Kind::Double)?
-        .f_double_value(&[])?;
-    let norm = reference
-        .f_square()?
-        .f_sum(Kind::Double)?
-        .f_double_value(&[])?;
-    Ok((diff / norm).sqrt())
-}
-
-/// max |ours - reference| / max |reference|.
-fn rel_diff(ours: &Tensor, reference: &Tensor) -> Result<f64> {
+/// Both tensors as f64 on the CPU, after checking that their shapes agree.
+fn on_cpu_f64(ours: &Tensor, reference: &Tensor) -> Result<(Tensor, Tensor)> {
     ensure!(
         ours.size() == reference.size(),
         "shape {:?} vs {:?}",
         ours.size(),
         reference.size()
     );
-    let ours = ours.f_to_device(Device::Cpu)?.f_to_kind(Kind::Double)?;
-    let reference = reference
-        .f_to_device(Device::Cpu)?
-        .f_to_kind(Kind::Double)?;
-    let diff = ours
-        .f_sub(&reference)?
-        .f_abs()?
-        .f_max()?
-        .f_double_value(&[])?;
-    let scale = reference.f_abs()?.f_max()?.f_double_value(&[])?;
-    Ok(diff / scale)
+    let cpu = |t: &Tensor| t.f_to_device(Device::Cpu)?.f_to_kind(Kind::Double);
+    Ok((cpu(ours)?, cpu(reference)?))
+}
+
+/// ||ours - reference||_2 / ||reference||_2.
+fn rel_l2(ours: &Tensor, reference: &Tensor) -> Result<f64> {
+    let (ours, reference) = on_cpu_f64(ours, reference)?;
+    let sum_sq = |t: &Tensor| t.f_square()?.f_sum(Kind::Double)?.f_double_value(&[]);
+    Ok((sum_sq(&ours.f_sub(&reference)?)? / sum_sq(&reference)?).sqrt())
+}
+
+/// max |ours - reference| / max |reference|.
+fn rel_diff(ours: &Tensor, reference: &Tensor) -> Result<f64> {
+    let (ours, reference) = on_cpu_f64(ours, reference)?;
+    let max_abs = |t: &Tensor| t.f_abs()?.f_max()?.f_double_value(&[]);
+    Ok(max_abs(&ours.f_sub(&reference)?)? / max_abs(&reference)?)
 }
 
 struct Step {
