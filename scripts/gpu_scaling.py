@@ -22,6 +22,13 @@ def visible_gpus():
     return torch.cuda.device_count()
 
 
+def library_path():
+    """The binary finds libtorch (and nvJPEG, NVRTC) through LD_LIBRARY_PATH, as in gpu-run."""
+    import torch
+    dirs = [os.path.join(os.path.dirname(torch.__file__), "lib"), "/usr/local/cuda-13.0/targets/x86_64-linux/lib"]
+    os.environ["LD_LIBRARY_PATH"] = ":".join(dirs + [p for p in [os.environ.get("LD_LIBRARY_PATH")] if p])
+
+
 def dataset(work, convnets, images):
     packed = os.path.join(work, "packed")
     if os.path.exists(os.path.join(packed, "manifest.json")):
@@ -118,6 +125,7 @@ def main():
         return
     os.makedirs(a.work, exist_ok=True)
     os.makedirs(a.out, exist_ok=True)
+    library_path()
     have = visible_gpus()
     counts = [int(g) for g in a.gpus.split(",")]
     skipped = [g for g in counts if g > have]
