@@ -1,7 +1,7 @@
 //! Data-parallel training between CPU processes (TCP collectives), end to end through the
 //! binary: two ranks with half the batch each train like one process with the whole
 //! batch, stay identical, evaluate every image once, and a run resumes with another
-//! number of ranks.
+//! number of ranks. A rank that fails, and a run that diverges, stop every rank.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -158,4 +158,28 @@ fn a_rank_that_fails_in_training_stops_the_others_and_is_named() {
     let failed = (0..2).find(|r| err.contains(&format!("error: rank {r} failed"))).expect(&err);
     let other = 1 - failed;
     assert!(err.contains(&format!("rank {other} stops: rank {failed} failed")), "{err}");
+}
+
+#[test]
+fn a_diverging_run_stops_every_rank_with_the_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path());
+    let run = tmp.path().join("run");
+    let mut args = vec!["launch", "--nproc", "2", "--"];
+    args.extend(train_args(&data, run.to_str().unwrap(), "8"));
+    // An LR that turns the weights to inf/NaN within a few steps, on both ranks alike (they
+    // share the mean gradient and agree on the loss).
+    let lr = args.iter().position(|a| *a == "--lr").unwrap() + 1;
+    args[lr] = "1e12";
+    let started = std::time::Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_convnets")).args(&args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(120), "took {:?}: {err}", started.elapsed());
+    assert!(err.contains("for 5 steps in a row") && err.contains("the run diverged"), "{err}");
+    assert!(err.contains("no checkpoint was written before it"), "{err}");
+    assert!((0..2).any(|r| err.contains(&format!("error: rank {r} failed"))), "{err}");
+    // The log says when it happened: the non-finite losses of the last steps.
+    let losses: Vec<_> = log(&run, "train").iter().map(|l| l["loss"].as_f64()).collect();
+    assert!(losses.len() >= 5 && losses.iter().rev().take(5).all(Option::is_none), "{losses:?}");
 }

@@ -645,8 +645,12 @@ impl Trainer {
                 // Divergence guard: a few non-finite losses in a row (skipped steps) end the run.
                 nan_streak = if loss.is_finite() { 0 } else { nan_streak + 1 };
                 if nan_streak >= NAN_STEPS_TO_STOP {
-                    bail!("loss was {loss} for {nan_streak} steps in a row (step {}, epoch {epoch}): the run diverged. \
-                           The last good checkpoint is in {}", self.state.step, self.run.checkpoints().display());
+                    let last_good = match self.run.latest().ok().flatten() {
+                        Some((dir, _)) => format!("the last checkpoint is {}", dir.display()),
+                        None => "no checkpoint was written before it".to_string(),
+                    };
+                    bail!("loss was {loss} for {nan_streak} steps in a row (step {}, epoch {epoch}): the run diverged \
+                           ({last_good}; a lower --lr or a longer --warmup-epochs may help)", self.state.step);
                 }
             }
             self.state.epoch += 1;
