@@ -473,7 +473,7 @@ impl Loader {
 
     fn position(&self) -> &Position {
         match &self.inner {
-            Inner::Cpu(l) => &l.position,
+            Inner::Cpu(l) => &l.batches.position,
             #[cfg(feature = "cuda")]
             Inner::Gpu(l) => l.position(),
         }
@@ -520,6 +520,83 @@ impl Position {
     }
 }
 
+/// A finished batch as loader threads hand it over, tagged with its place in the plan.
+pub(crate) trait Sequenced {
+    /// Its number in the planned stream of batches (0, 1, 2, ... across epochs).
+    fn seq(&self) -> u64;
+    /// (epoch, index within the epoch).
+    fn place(&self) -> (u64, usize);
+}
+
+/// Finished batches put back in plan order (threads finish out of order) and delivered
+/// one epoch at a time, the same for both paths: a batch of the next epoch, read ahead,
+/// is held back until the consumer asks for that epoch.
+pub(crate) struct InOrder<T> {
+    ready: Receiver<T>,
+    reorder: BTreeMap<u64, T>,
+    next_seq: u64,
+    /// A batch of the next epoch, read ahead.
+    pending: Option<T>,
+    pub position: Position,
+    /// The error when the threads are gone.
+    stopped: &'static str,
+}
+
+impl<T: Sequenced> InOrder<T> {
+    pub fn new(ready: Receiver<T>, position: Position, stopped: &'static str) -> Self {
+        Self { ready, reorder: BTreeMap::new(), next_seq: 0, pending: None, position, stopped }
+    }
+
+    /// The next batch of the epoch being delivered; `None` at the epoch's end.
+    pub fn next(&mut self, counters: &Counters) -> Option<Result<T>> {
+        let batch = match self.pending.take() {
+            Some(b) => b,
+            None => match self.next_in_order(counters) {
+                Ok(b) => b,
+                Err(e) => return Some(Err(e)),
+            },
+        };
+        let (epoch, index) = batch.place();
+        if !self.position.advance(epoch, index) {
+            self.pending = Some(batch);
+            return None;
+        }
+        Some(Ok(batch))
+    }
+
+    fn next_in_order(&mut self, counters: &Counters) -> Result<T> {
+        let start = Instant::now();
+        counters
+            .ready_sum
+            .fetch_add((self.ready.len() + self.reorder.len()) as u64, Ordering::Relaxed);
+        counters.ready_n.fetch_add(1, Ordering::Relaxed);
+        let batch = loop {
+            if let Some(b) = self.reorder.remove(&self.next_seq) {
+                break b;
+            }
+            let b = self.ready.recv().map_err(|_| Error::Config(self.stopped.into()))?;
+            self.reorder.insert(b.seq(), b);
+        };
+        self.next_seq += 1;
+        counters
+            .wait_ns
+            .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        Ok(batch)
+    }
+
+    /// The batches held here (read ahead, or waiting for an earlier one), for shutdown.
+    pub fn take_held(&mut self) -> Vec<T> {
+        let mut held: Vec<T> = self.pending.take().into_iter().collect();
+        held.extend(std::mem::take(&mut self.reorder).into_values());
+        held
+    }
+
+    /// The channel the threads deliver on, to drain at shutdown.
+    pub fn ready(&self) -> &Receiver<T> {
+        &self.ready
+    }
+}
+
 /// Checks what both paths need and makes the sampler.
 pub(crate) fn sampler_for(
     source: &dyn RecordSource,
@@ -551,15 +628,10 @@ pub(crate) fn sampler_for(
 
 /// The CPU path.
 struct CpuLoader {
-    ready: Receiver<Arc<Slot>>,
+    batches: InOrder<Arc<Slot>>,
     free: Sender<Arc<Slot>>,
     stop: Option<Sender<()>>,
     threads: Vec<JoinHandle<()>>,
-    reorder: BTreeMap<u64, Arc<Slot>>,
-    next_seq: u64,
-    position: Position,
-    /// A batch of the next epoch, read ahead.
-    pending: Option<Arc<Slot>>,
     counters: Arc<Counters>,
     /// Records skipped in the batches delivered so far.
     skipped: Vec<SkippedRecord>,
@@ -612,14 +684,10 @@ impl CpuLoader {
             threads.push(handle);
         }
         Ok(Self {
-            ready: ready_rx,
+            batches: InOrder::new(ready_rx, Position::new(state, batches_per_epoch), "loader threads stopped"),
             free: free_tx,
             stop: Some(stop_tx),
             threads,
-            reorder: BTreeMap::new(),
-            next_seq: 0,
-            position: Position::new(state, batches_per_epoch),
-            pending: None,
             counters,
             skipped: Vec::new(),
             worker_count: workers,
@@ -628,46 +696,8 @@ impl CpuLoader {
     }
 
     fn next_batch(&mut self) -> Option<Result<Batch>> {
-        let slot = match self.pending.take() {
-            Some(slot) => slot,
-            None => match self.next_in_order() {
-                Ok(slot) => slot,
-                Err(e) => return Some(Err(e)),
-            },
-        };
-        let (epoch, index) = {
-            let job = lock(&slot.job);
-            (job.epoch, job.index)
-        };
-        if !self.position.advance(epoch, index) {
-            self.pending = Some(slot);
-            return None;
-        }
-        Some(self.wrap(slot))
-    }
-
-    fn next_in_order(&mut self) -> Result<Arc<Slot>> {
-        let start = Instant::now();
-        self.counters
-            .ready_sum
-            .fetch_add((self.ready.len() + self.reorder.len()) as u64, Ordering::Relaxed);
-        self.counters.ready_n.fetch_add(1, Ordering::Relaxed);
-        let slot = loop {
-            if let Some(slot) = self.reorder.remove(&self.next_seq) {
-                break slot;
-            }
-            let slot = self
-                .ready
-                .recv()
-                .map_err(|_| Error::Config("loader threads stopped".into()))?;
-            let seq = lock(&slot.job).seq;
-            self.reorder.insert(seq, slot);
-        };
-        self.next_seq += 1;
-        self.counters
-            .wait_ns
-            .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        Ok(slot)
+        let slot = self.batches.next(&self.counters)?;
+        Some(slot.and_then(|slot| self.wrap(slot)))
     }
 
     fn wrap(&mut self, slot: Arc<Slot>) -> Result<Batch> {
@@ -706,14 +736,24 @@ impl CpuLoader {
 
 }
 
+impl Sequenced for Arc<Slot> {
+    fn seq(&self) -> u64 {
+        lock(&self.job).seq
+    }
+
+    fn place(&self) -> (u64, usize) {
+        let job = lock(&self.job);
+        (job.epoch, job.index)
+    }
+}
+
 impl Drop for CpuLoader {
     fn drop(&mut self) {
         // Closing the stop channel wakes the planner; it drops the task sender, and the
         // workers finish what they hold and exit.
         self.stop.take();
-        self.pending.take();
-        self.reorder.clear();
-        while self.ready.try_recv().is_ok() {}
+        drop(self.batches.take_held());
+        while self.batches.ready().try_recv().is_ok() {}
         for t in self.threads.drain(..) {
             let _ = t.join();
         }

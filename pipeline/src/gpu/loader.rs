@@ -21,7 +21,6 @@
 //! stream after allocating; handing over, the default stream waits on the lane's event.
 //! Decode arenas, parameters and staging buffers are per lane, grow-only, and reused.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -38,8 +37,8 @@ use super::nvjpeg::{BatchDecoder, Library, Target};
 use crate::cpu::augment::{Layout, OutputDtype, OutputSpec, Span};
 use crate::cpu::decode::{CpuDecoder, DecodeLimits, RgbImage};
 use crate::loader::{
-    record_error, sampler_for, BadRecordPolicy, Batch, Counters, GpuOptions, LoaderConfig, LoaderState,
-    LoaderStats, Position, SkippedRecord, Transform,
+    record_error, sampler_for, BadRecordPolicy, Batch, Counters, GpuOptions, InOrder, LoaderConfig, LoaderState,
+    LoaderStats, Position, Sequenced, SkippedRecord, Transform,
 };
 use crate::plan::CropWindow;
 use crate::sampler::{sample_seed, PlannedBatch, Sample, Sampler};
@@ -82,6 +81,16 @@ struct Finished {
     result: Result<(Tensor, Tensor, CudaEvent)>,
 }
 
+impl Sequenced for Finished {
+    fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    fn place(&self) -> (u64, usize) {
+        (self.epoch, self.index)
+    }
+}
+
 impl Finished {
     /// Waits for the lane's work on the tensors before they go back to libtorch's
     /// allocator unused (loader shutdown, error batches).
@@ -94,13 +103,9 @@ impl Finished {
 
 pub(crate) struct GpuLoader {
     null_stream: Arc<CudaStream>,
-    ready: Receiver<Finished>,
+    batches: InOrder<Finished>,
     stop: Option<Sender<()>>,
     threads: Vec<JoinHandle<()>>,
-    reorder: BTreeMap<u64, Finished>,
-    next_seq: u64,
-    position: Position,
-    pending: Option<Finished>,
     counters: Arc<Counters>,
     skipped: Vec<SkippedRecord>,
     output: OutputSpec,
@@ -230,13 +235,9 @@ impl GpuLoader {
         let output_bytes = (lanes + cfg.prefetch.max(1) + 2) as u64 * batch as u64 * sample_bytes;
         Ok(Self {
             null_stream,
-            ready: ready_rx,
+            batches: InOrder::new(ready_rx, Position::new(state, batches_per_epoch), "GPU loader threads stopped"),
             stop: Some(stop_tx),
             threads,
-            reorder: BTreeMap::new(),
-            next_seq: 0,
-            position: Position::new(state, batches_per_epoch),
-            pending: None,
             counters,
             skipped: Vec::new(),
             output: cfg.output,
@@ -251,44 +252,12 @@ impl GpuLoader {
     }
 
     pub fn position(&self) -> &Position {
-        &self.position
+        &self.batches.position
     }
 
     pub fn next_batch(&mut self) -> Option<Result<Batch>> {
-        let finished = match self.pending.take() {
-            Some(f) => f,
-            None => match self.next_in_order() {
-                Ok(f) => f,
-                Err(e) => return Some(Err(e)),
-            },
-        };
-        if !self.position.advance(finished.epoch, finished.index) {
-            self.pending = Some(finished);
-            return None;
-        }
-        Some(self.deliver(finished))
-    }
-
-    fn next_in_order(&mut self) -> Result<Finished> {
-        let start = Instant::now();
-        let c = &self.counters;
-        c.ready_sum
-            .fetch_add((self.ready.len() + self.reorder.len()) as u64, Ordering::Relaxed);
-        c.ready_n.fetch_add(1, Ordering::Relaxed);
-        let finished = loop {
-            if let Some(f) = self.reorder.remove(&self.next_seq) {
-                break f;
-            }
-            let f = self
-                .ready
-                .recv()
-                .map_err(|_| Error::Config("GPU loader threads stopped".into()))?;
-            self.reorder.insert(f.seq, f);
-        };
-        self.next_seq += 1;
-        c.wait_ns
-            .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        Ok(finished)
+        let finished = self.batches.next(&self.counters)?;
+        Some(finished.and_then(|f| self.deliver(f)))
     }
 
     fn deliver(&mut self, mut f: Finished) -> Result<Batch> {
@@ -326,14 +295,11 @@ impl Drop for GpuLoader {
         // (dropping the CPU job channel, which ends the CPU threads). Batches still on
         // the way are waited for before their memory goes back to libtorch.
         self.stop.take();
-        if let Some(f) = self.pending.take() {
-            f.discard();
-        }
-        for (_, f) in std::mem::take(&mut self.reorder) {
+        for f in self.batches.take_held() {
             f.discard();
         }
         loop {
-            match self.ready.recv_timeout(Duration::from_millis(10)) {
+            match self.batches.ready().recv_timeout(Duration::from_millis(10)) {
                 Ok(f) => f.discard(),
                 Err(RecvTimeoutError::Disconnected) => break,
                 Err(RecvTimeoutError::Timeout) => {}
