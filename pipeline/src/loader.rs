@@ -131,9 +131,14 @@ impl LoaderConfig {
     /// The cores this loader may keep busy: the machine's, shared with the other local
     /// processes that run one.
     pub fn cores(&self) -> usize {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        (cores / self.local_processes.max(1)).max(1)
+        core_share(self.local_processes)
     }
+}
+
+/// One process's equal share of this machine's cores, when `processes` share it (at least 1).
+pub fn core_share(processes: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / processes.max(1)).max(1)
 }
 
 impl Default for LoaderConfig {

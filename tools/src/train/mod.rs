@@ -431,8 +431,7 @@ impl Trainer {
         if let (Device::Cpu, Some(local)) = (device, dist.as_ref().and_then(|d| d.local_world_size)) {
             // Ranks computing on the CPUs of one machine share its cores (as torchrun's
             // OMP_NUM_THREADS does) rather than each starting one thread per core.
-            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-            tch::set_num_threads((cores / local).max(1) as i32);
+            tch::set_num_threads(convnets_pipeline::loader::core_share(local) as i32);
         }
         let (train, val, classes) = match (&args.loader, &args.data) {
             (LoaderKind::Cpu | LoaderKind::Gpu, Some(data)) => {
