@@ -4,7 +4,13 @@
 // binaries and `cargo test` run without LD_LIBRARY_PATH, and with the `cuda` feature we
 // force a dependency on libtorch_cuda.so (tch alone drops it with --as-needed, and then
 // CUDA is silently unavailable) and put the folder holding libnvjpeg.so on the link path.
+// `tools/build.rs` includes this file as a module and calls `link` before compiling its C++.
+#[allow(dead_code)]
 fn main() {
+    link();
+}
+
+pub fn link() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=CONVNETS_NVLIB");
     let Ok(libtorch) = std::env::var("LIBTORCH") else {

@@ -2,10 +2,14 @@
 """Training throughput on 1..N GPUs of one machine: `convnets train --gpus G --amp` per
 model, with the GPU loader (ImageNet-like JPEGs, packed) and with `--loader synthetic`.
 
-Runs from dist/gpu (made by scripts/gpu-build). Each run's figure is the median img/s of
-its last three logging windows (all ranks together; the first windows include cuDNN
-autotuning and NCCL set-up). Results go to OUT/scaling.json after every run (so a run cut
-short still leaves the rows it finished) and the table is printed as Markdown.
+Runs from dist/gpu (made by scripts/gpu-build). Each run trains --epochs whole epochs; its
+figure is the mean img/s of the epochs after the first (all ranks together, each epoch's
+wall time including its boundary: checkpoint, loader turn-over), as the seed averages over
+whole epochs; the first epoch holds start-up (cuDNN autotuning, NCCL, graph capture) and
+is reported apart, as is the longest epoch boundary. `--precisions amp,tf32` adds the
+fp32 (TF32 convolutions) runs and the AMP speed-up. Results go to OUT/scaling.json after
+every run (so a run cut short still leaves the rows it finished) and the table is printed
+as Markdown.
 
     python3 gpu_scaling.py --gpus 1,2,4,8
     python3 gpu_scaling.py --archs resnet50 --gpus 1,2 --loaders gpu
@@ -41,32 +45,38 @@ def dataset(work, convnets, images):
     return packed
 
 
-def steady(log):
-    windows = [json.loads(l) for l in open(log) if '"train"' in l]
-    rates = [w["img_s"] for w in windows if w["type"] == "train"]
-    if len(rates) < 4:
-        raise RuntimeError(f"{log}: {len(rates)} logging windows; raise --steps")
-    return statistics.median(rates[-3:]), [round(r) for r in rates]
+def whole_epochs(log):
+    """Per-epoch img/s and boundary seconds from the trainer's `epoch` records."""
+    epochs = [json.loads(l) for l in open(log) if '"epoch"' in l]
+    epochs = [e for e in epochs if e.get("type") == "epoch"]
+    if len(epochs) < 2:
+        raise RuntimeError(f"{log}: {len(epochs)} whole epochs; raise --epochs")
+    rates = [e["img_s"] for e in epochs]
+    return {"img_s": statistics.mean(rates[1:]), "first_epoch_img_s": rates[0],
+            "epoch_img_s": [round(r) for r in rates],
+            "max_boundary_s": max(e["boundary_s"] for e in epochs[1:])}
 
 
-def run(a, arch, loader, gpus, data):
-    out = os.path.join(a.work, f"{arch}-{loader}-{gpus}")
-    cmd = [a.convnets, "train", "--arch", arch, "--loader", loader, "--amp", "--gpus", str(gpus),
-           "--batch-size", str(a.batch_size), "--epochs", "1000", "--max-steps", str(a.steps),
+def run(a, arch, loader, gpus, precision, data):
+    out = os.path.join(a.work, f"{arch}-{loader}-{gpus}-{precision}")
+    cmd = [a.convnets, "train", "--arch", arch, "--loader", loader, "--gpus", str(gpus),
+           "--batch-size", str(a.batch_size), "--epochs", str(a.epochs),
            "--log-every", str(a.log_every), "--eval-every", "0", "-o", out]
+    if precision == "amp":
+        cmd.append("--amp")
     if loader != "synthetic":
         cmd += ["--data", data]
     print("== " + " ".join(cmd[1:]), file=sys.stderr)
     subprocess.run(["rm", "-rf", out], check=True)
     started = time.time()
     p = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    row = {"arch": arch, "loader": loader, "gpus": gpus, "batch_per_gpu": a.batch_size,
-           "steps": a.steps, "wall_s": round(time.time() - started, 1), "command": "convnets " + " ".join(cmd[1:])}
+    row = {"arch": arch, "loader": loader, "gpus": gpus, "precision": precision, "batch_per_gpu": a.batch_size,
+           "epochs": a.epochs, "wall_s": round(time.time() - started, 1), "command": "convnets " + " ".join(cmd[1:])}
     if p.returncode != 0:
         row["error"] = p.stderr.strip().splitlines()[-5:]
         print("\n".join(row["error"]), file=sys.stderr)
         return row
-    row["img_s"], row["windows"] = steady(os.path.join(out, "log.jsonl"))
+    row.update(whole_epochs(os.path.join(out, "log.jsonl")))
     return row
 
 
@@ -82,14 +92,14 @@ def table(rows):
     counts = sorted({r["gpus"] for r in rows})
     best = {}
     for r in rows:
-        key = (r["arch"], r["loader"], r["gpus"])
+        key = (r["arch"], r["loader"] + ("" if r.get("precision", "amp") == "amp" else " " + r["precision"]), r["gpus"])
         if "img_s" in r:
             best[key] = r["img_s"]
         else:
             best.setdefault(key, "failed")
     head = "| arch | loader | " + " | ".join(f"{g} GPU{'s' if g > 1 else ''}" for g in counts) + " |"
     lines = [head, "|" + "---|" * 2 + "---:|" * len(counts)]
-    keys = sorted({(r["arch"], r["loader"]) for r in rows}, key=lambda k: (ARCHS.index(k[0]) if k[0] in ARCHS else 9, k[1]))
+    keys = sorted({k[:2] for k in best}, key=lambda k: (ARCHS.index(k[0]) if k[0] in ARCHS else 9, k[1]))
     for arch, loader in keys:
         one = best.get((arch, loader, 1))
         cells = []
@@ -102,7 +112,14 @@ def table(rows):
             else:
                 cells.append(f"{v:,.0f} ({v / (g * one):.0%})")
         lines.append(f"| {arch} | {loader} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\nimg/s of all GPUs together; in brackets, scaling efficiency: img/s(N) / (N x img/s(1))."
+    speedups = []
+    for (arch, loader, g), v in sorted(best.items()):
+        tf32 = best.get((arch, loader + " tf32", g))
+        if not loader.endswith("tf32") and isinstance(v, float) and isinstance(tf32, float):
+            speedups.append(f"{arch} {loader} {g} GPU(s): AMP {v / tf32:.2f}x TF32")
+    note = ("\n\nimg/s of all GPUs together, mean over whole epochs after the first (boundaries included); "
+            "in brackets, scaling efficiency: img/s(N) / (N x img/s(1)). Rows marked tf32 train in fp32 (TF32 convolutions).")
+    return "\n".join(lines) + note + ("\n\n" + "\n".join(speedups) if speedups else "")
 
 
 def main():
@@ -111,8 +128,9 @@ def main():
     p.add_argument("--gpus", default="1,2,4,8", help="GPU counts; those above the visible GPUs are skipped")
     p.add_argument("--loaders", default="gpu,synthetic")
     p.add_argument("--batch-size", type=int, default=256, help="per GPU, as in the seed")
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=3, help="whole epochs per run (the first is start-up)")
+    p.add_argument("--precisions", default="amp", help="amp and/or tf32")
+    p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--images", type=int, default=40000, help="ImageNet-like JPEGs to make for the GPU loader")
     p.add_argument("--convnets", default=os.path.join(HERE, "convnets"))
     p.add_argument("--work", default=os.environ.get("WORK", "/tmp/convnets-scaling"))
@@ -136,10 +154,11 @@ def main():
     data = dataset(a.work, a.convnets, a.images) if any(l != "synthetic" for l in loaders) else None
     rows, path = [], os.path.join(a.out, "scaling.json")
     for arch in a.archs.split(","):
-        for loader in loaders:
-            for g in counts:
-                rows.append(run(a, arch, loader, g, data))
-                save(path, rows)
+        for precision in a.precisions.split(","):
+            for loader in loaders:
+                for g in counts:
+                    rows.append(run(a, arch, loader, g, precision, data))
+                    save(path, rows)
     print(table(rows))
     if any("error" in r for r in rows):
         sys.exit(1)

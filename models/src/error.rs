@@ -85,10 +85,6 @@ pub enum Error {
     /// A libtorch operation failed (bad shapes, out of memory, ...).
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
-
-    /// The throughput benchmark asked for a CUDA device that this build or machine lacks.
-    #[error("device {0:?} is not available (built without CUDA, or no GPU visible)")]
-    DeviceUnavailable(tch::Device),
 }
 
 /// How a weight file differs from a model: the answer of a strict `load_state_dict`.

@@ -7,7 +7,6 @@
 //!   [`weights::save_safetensors`]; [`weights::load_tensors_except`] leaves named tensors out,
 //!   e.g. the classifier when fine-tuning onto another class count).
 //! - [`init`]: the initialisation recipe; [`layout`]: channels_last (NHWC) helpers.
-//! - [`bench`]: a training-step throughput measurement for the GPU runs.
 //!
 //! ```no_run
 //! # fn main() -> Result<(), convnets_models::Error> {
@@ -28,7 +27,6 @@
 //! # }
 //! ```
 
-pub mod bench;
 pub mod error;
 pub mod init;
 pub mod layout;

@@ -6,19 +6,22 @@ use std::time::Instant;
 
 use anyhow::bail;
 use clap::Args;
-use convnets_models::bench::{measure, BenchConfig};
+use convnets_models::resnet::ResNet;
 use convnets_models::{Arch, MemoryFormat, ModelConfig};
 use convnets_pipeline::cpu::augment::{Layout, OutputDtype, OutputSpec};
 use convnets_pipeline::loader::{Backend, Loader, LoaderConfig, LoaderState, Transform};
 use convnets_pipeline::plan::RandomResizedCrop;
 use convnets_pipeline::sampler::SamplerConfig;
 use serde_json::json;
-use tch::nn::{ModuleT, OptimizerConfig, Sgd, VarStore};
-use tch::{Kind, Tensor};
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
 
 use crate::bench::{machine, LoaderKind};
 use crate::gpu_loader_args::GpuLoaderArgs;
 use crate::source::open_split;
+use crate::train::scaler::LossScaler;
+use crate::train::sgd::Sgd;
+use crate::train::step::{synthetic_batch, HostBatchRelease, StepInput, StepOptions, TrainStep};
 use crate::train::{device_of, DeviceArg};
 
 fn print(doc: &serde_json::Value, json_out: bool, table: impl FnOnce()) -> anyhow::Result<()> {
@@ -47,29 +50,70 @@ pub struct TrainBenchArgs {
     pub steps: usize,
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     pub device: DeviceArg,
+    /// Replay the step from a CUDA graph (as `train` does by default).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub cuda_graphs: bool,
     #[arg(long)]
     pub json: bool,
 }
 
-/// Forward + backward + optimizer steps on synthetic data already on the device.
+/// The model and `train`'s training step (the seed's SGD recipe, loss scaling with `amp`).
+struct Trainee {
+    _vs: VarStore,
+    model: ResNet,
+    step: TrainStep,
+}
+
+impl Trainee {
+    fn new(arch: Arch, classes: i64, device: Device, amp: bool, cuda_graphs: bool) -> anyhow::Result<Self> {
+        let vs = VarStore::new(device);
+        let memory_format = if device.is_cuda() { MemoryFormat::ChannelsLast } else { MemoryFormat::Contiguous };
+        let model = arch.build(&vs.root(), classes, &ModelConfig { memory_format, ..ModelConfig::default() })?;
+        if device.is_cuda() {
+            tch::Cuda::cudnn_set_benchmark(true);
+        }
+        let sgd = Sgd::new(&vs, 0.875, 3.0517578125e-05, false)?;
+        let opts = StepOptions { amp, label_smoothing: 0.1, train_bn: true, cuda_graphs, allreduce_kind: Kind::Float };
+        let step = TrainStep::new(sgd, &LossScaler::new(amp), opts, device)?;
+        Ok(Self { _vs: vs, model, step })
+    }
+
+    fn step(&mut self, images: &Tensor, labels: &Tensor) -> anyhow::Result<()> {
+        self.step.run(&self.model, StepInput { images, labels, mixed_with: None }, 0.01, None)
+    }
+
+    /// Waits for the queued steps; the mean loss since the last call.
+    fn finish(&mut self) -> anyhow::Result<f64> {
+        Ok(self.step.readout()?.loss)
+    }
+}
+
+/// `train`'s training step on synthetic data already on the device.
 pub fn train(a: TrainBenchArgs) -> anyhow::Result<()> {
     let device = device_of(a.device)?;
-    let r = measure(&BenchConfig {
-        arch: a.arch,
-        batch: a.batch_size,
-        amp: a.amp,
-        channels_last: device.is_cuda(),
-        device,
-        warmup_steps: a.warmup_steps,
-        steps: a.steps,
-        image_size: a.image_size,
-    })?;
+    if a.batch_size < 1 || a.image_size < 1 {
+        bail!("--batch-size and --image-size must be at least 1");
+    }
+    let mut trainee = Trainee::new(a.arch, 1000, device, a.amp, a.cuda_graphs)?;
+    let (images, labels) = synthetic_batch(a.batch_size, a.image_size, 1000, device, a.amp)?;
+    for _ in 0..a.warmup_steps {
+        trainee.step(&images, &labels)?;
+    }
+    trainee.finish()?;
+    let start = Instant::now();
+    for _ in 0..a.steps {
+        trainee.step(&images, &labels)?;
+    }
+    let last_loss = trainee.finish()?;
+    let seconds = start.elapsed().as_secs_f64();
+    let images_per_s = (a.batch_size as usize * a.steps) as f64 / seconds;
     let doc = json!({"bench": "train", "machine": machine(), "arch": a.arch.name(), "batch_size": a.batch_size,
         "amp": a.amp, "image_size": a.image_size, "device": format!("{device:?}"), "steps": a.steps,
-        "seconds": r.seconds, "images_per_s": r.images_per_sec});
+        "cuda_graphs": trainee.step.graphed(), "cuda_graphs_off_because": trainee.step.graph_note(),
+        "seconds": seconds, "images_per_s": images_per_s, "mean_loss": last_loss});
     print(&doc, a.json, || {
         println!("train {} batch {} {:?}{}: {:.0} images/s", a.arch.name(), a.batch_size, device,
-            if a.amp { " amp" } else { "" }, r.images_per_sec)
+            if a.amp { " amp" } else { "" }, images_per_s)
     })
 }
 
@@ -99,6 +143,9 @@ pub struct E2eBenchArgs {
     pub steps: usize,
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     pub device: DeviceArg,
+    /// Replay the step from a CUDA graph (as `train` does by default).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub cuda_graphs: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -144,41 +191,28 @@ pub fn e2e_measure(source: std::sync::Arc<dyn convnets_formats::RecordSource>, a
     // counted.
     let mut loader = Loader::new(source.clone(), cfg.clone(), LoaderState::default())?;
     let drain = a.warmup_steps + cfg.prefetch + 2;
-    let loader_img_s = timed(drain + a.steps, drain, || Ok(next(&mut loader)?.len() as u64))?;
+    let loader_img_s = timed(drain + a.steps, drain, || Ok(()), || Ok(next(&mut loader)?.len() as u64))?;
     drop(loader);
 
-    // 2. The model alone on one batch kept on the device; 3. both together.
-    let vs = VarStore::new(device);
-    let memory_format = if device.is_cuda() { MemoryFormat::ChannelsLast } else { MemoryFormat::Contiguous };
-    let model = a.arch.build(&vs.root(), 1000, &ModelConfig { memory_format, ..ModelConfig::default() })?;
-    let mut opt = Sgd { momentum: 0.875, ..Default::default() }.build(&vs, 0.01)?;
-    if device.is_cuda() {
-        tch::Cuda::cudnn_set_benchmark(true);
-    }
+    // 2. The model alone on one batch kept on the device; 3. both together. Both through
+    // `train`'s step (replayed from a CUDA graph where it can be).
+    let trainee = std::cell::RefCell::new(Trainee::new(a.arch, 1000, device, a.amp, a.cuda_graphs)?);
     let kind = if a.amp { Kind::Half } else { Kind::Float };
-    let mut step = |images: &Tensor, labels: &Tensor| -> anyhow::Result<()> {
-        opt.zero_grad();
-        let loss = tch::autocast(a.amp, || model.forward_t(images, true))
-            .to_kind(Kind::Float)
-            .cross_entropy_for_logits(labels);
-        loss.backward();
-        opt.step();
-        let _ = loss.double_value(&[]); // waits for the device
-        Ok(())
-    };
     let mut loader = Loader::new(source, cfg, LoaderState::default())?;
     let sample = next(&mut loader)?;
-    let (images, labels) = (sample.images.to_device(device).to_kind(kind), sample.labels.to_device(device));
+    let images = sample.images.f_to_device(device)?.f_to_kind(kind)?;
+    let labels = sample.labels.f_to_device(device)?;
     drop(sample);
-    let model_img_s = timed(total, a.warmup_steps, || {
-        step(&images, &labels)?;
+    let model_img_s = timed(total, a.warmup_steps, || trainee.borrow_mut().finish().map(|_| ()), || {
+        trainee.borrow_mut().step(&images, &labels)?;
         Ok(a.batch_size as u64)
     })?;
 
     let mut waited = 0.0;
     let mut measuring = false;
     let mut k = 0;
-    let e2e_img_s = timed(total, a.warmup_steps, || {
+    let mut held = HostBatchRelease::default();
+    let e2e_img_s = timed(total, a.warmup_steps, || trainee.borrow_mut().finish().map(|_| ()), || {
         measuring = k >= a.warmup_steps;
         k += 1;
         let t = Instant::now();
@@ -186,10 +220,12 @@ pub fn e2e_measure(source: std::sync::Arc<dyn convnets_formats::RecordSource>, a
         if measuring {
             waited += t.elapsed().as_secs_f64();
         }
-        let images = batch.images.to_device_(device, kind, true, false);
-        let labels = batch.labels.to_device_(device, Kind::Int64, true, false);
-        step(&images, &labels)?;
-        Ok(batch.len() as u64)
+        let images = batch.images.f_to_device_(device, kind, true, false)?;
+        let labels = batch.labels.f_to_device_(device, Kind::Int64, true, false)?;
+        trainee.borrow_mut().step(&images, &labels)?;
+        let n = batch.len() as u64;
+        held.hold(batch, device)?;
+        Ok(n)
     })?;
     let measured_s = a.steps as f64 * a.batch_size as f64 / e2e_img_s;
     let wait_fraction = waited / measured_s;
@@ -201,7 +237,7 @@ pub fn e2e_measure(source: std::sync::Arc<dyn convnets_formats::RecordSource>, a
     };
     Ok(json!({"bench": "e2e", "machine": machine(), "arch": a.arch.name(), "batch_size": a.batch_size,
         "image_size": a.image_size, "amp": a.amp, "device": format!("{device:?}"), "loader": if gpu { "gpu" } else { "cpu" },
-        "loader_threads": a.threads, "steps": a.steps,
+        "loader_threads": a.threads, "steps": a.steps, "cuda_graphs": trainee.borrow().step.graphed(),
         "images_per_s": e2e_img_s, "loader_only_images_per_s": loader_img_s, "model_only_images_per_s": model_img_s,
         "data_wait_fraction": wait_fraction, "input_bound": input_bound, "verdict": verdict}))
 }
@@ -214,17 +250,25 @@ fn next(loader: &mut Loader) -> anyhow::Result<convnets_pipeline::loader::Batch>
     }
 }
 
-/// Runs `f` `total` times; images/s over the runs after the first `warmup`.
-fn timed(total: usize, warmup: usize, mut f: impl FnMut() -> anyhow::Result<u64>) -> anyhow::Result<f64> {
+/// Runs `f` `total` times; images/s over the runs after the first `warmup`. `sync` waits
+/// for queued device work, at both ends of the timed runs.
+fn timed(
+    total: usize,
+    warmup: usize,
+    mut sync: impl FnMut() -> anyhow::Result<()>,
+    mut f: impl FnMut() -> anyhow::Result<u64>,
+) -> anyhow::Result<f64> {
     let mut images = 0;
     let mut start = Instant::now();
     for i in 0..total {
         if i == warmup {
+            sync()?;
             start = Instant::now();
             images = 0;
         }
         images += f()?;
     }
+    sync()?;
     Ok(images as f64 / start.elapsed().as_secs_f64())
 }
 
@@ -244,8 +288,72 @@ pub struct InferBenchArgs {
     pub warmup: usize,
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     pub device: DeviceArg,
+    /// Replay the forward pass from a CUDA graph (GPU).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub cuda_graphs: bool,
     #[arg(long)]
     pub json: bool,
+}
+
+/// Waits for the device's queued work.
+fn sync(device: Device) -> anyhow::Result<()> {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+    Ok(())
+}
+
+/// An inference forward pass on a fixed input, eager or replayed from a CUDA graph
+/// captured after `warmup` eager passes (cuDNN autotuning).
+struct Forward<'a> {
+    model: &'a ResNet,
+    x: &'a Tensor,
+    amp: bool,
+    #[cfg(feature = "cuda")]
+    graph: Option<(crate::torch_ext::cuda::CudaGraph, Tensor)>,
+}
+
+impl<'a> Forward<'a> {
+    fn new(model: &'a ResNet, x: &'a Tensor, amp: bool, graph: bool, warmup: usize) -> anyhow::Result<Self> {
+        #[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
+        let mut f = Self {
+            model,
+            x,
+            amp,
+            #[cfg(feature = "cuda")]
+            graph: None,
+        };
+        for _ in 0..warmup.max(1) {
+            let _ = f.eager()?;
+        }
+        sync(x.device())?;
+        #[cfg(feature = "cuda")]
+        if let (true, Device::Cuda(i)) = (graph, x.device()) {
+            let (g, y) = crate::torch_ext::cuda::CudaGraph::capture(i, || f.eager())?;
+            f.graph = Some((g, y));
+        }
+        let _ = graph;
+        Ok(f)
+    }
+
+    fn eager(&self) -> anyhow::Result<Tensor> {
+        Ok(tch::autocast(self.amp, || self.model.f_forward_t(self.x, false))?)
+    }
+
+    fn run(&mut self) -> anyhow::Result<()> {
+        #[cfg(feature = "cuda")]
+        if let Some((g, _)) = &mut self.graph {
+            return g.replay();
+        }
+        self.eager().map(|_| ())
+    }
+
+    fn graphed(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        return self.graph.is_some();
+        #[cfg(not(feature = "cuda"))]
+        false
+    }
 }
 
 /// Inference throughput and latency percentiles per batch size (the seed's inference bench).
@@ -264,20 +372,20 @@ pub fn infer(a: InferBenchArgs) -> anyhow::Result<()> {
         if b < 1 {
             bail!("--batch-sizes must be at least 1");
         }
-        let x = Tensor::randn([b, 3, a.image_size, a.image_size], (kind, device));
+        let x = Tensor::f_randn([b, 3, a.image_size, a.image_size], (kind, device))?;
+        let x = if device.is_cuda() { convnets_models::layout::to_channels_last(&x)? } else { x };
+        let mut forward = Forward::new(&model, &x, a.amp, a.cuda_graphs && device.is_cuda(), a.warmup)?;
         let mut lat = Vec::with_capacity(a.iters);
-        for i in 0..a.warmup + a.iters {
+        for _ in 0..a.iters {
             let t = Instant::now();
-            let y = tch::autocast(a.amp, || model.forward_t(&x, false));
-            let _ = y.sum(Kind::Float).double_value(&[]); // waits for the device
-            if i >= a.warmup {
-                lat.push(t.elapsed().as_secs_f64() * 1e3);
-            }
+            forward.run()?;
+            sync(device)?;
+            lat.push(t.elapsed().as_secs_f64() * 1e3);
         }
         lat.sort_by(f64::total_cmp);
         let pct = |p: f64| lat[((lat.len() - 1) as f64 * p).round() as usize];
         let mean = lat.iter().sum::<f64>() / lat.len() as f64;
-        rows.push(json!({"batch_size": b, "images_per_s": b as f64 / (mean / 1e3),
+        rows.push(json!({"batch_size": b, "images_per_s": b as f64 / (mean / 1e3), "cuda_graph": forward.graphed(),
             "latency_ms": {"mean": mean, "p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99)}}));
     }
     let doc = json!({"bench": "infer", "machine": machine(), "arch": a.arch.name(), "amp": a.amp,

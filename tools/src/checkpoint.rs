@@ -17,6 +17,8 @@ use tch::{Device, Tensor};
 
 pub const META_NAME: &str = "checkpoint.json";
 pub const MODEL_NAME: &str = "model.safetensors";
+/// The moving average of the weights, when a run keeps one (names as in the model).
+pub const EMA_NAME: &str = "ema.safetensors";
 const FORMAT: &str = "convnets-checkpoint";
 const VERSION: u32 = 1;
 
@@ -149,7 +151,7 @@ pub fn load_any(path: &Path, arch: Option<Arch>, device: Device, cfg: &ModelConf
 /// `dir` (`ema.safetensors`). Parameters absent from it (a frozen backbone, whose average is
 /// itself) keep their weights.
 pub fn apply_ema(vs: &VarStore, dir: &Path) -> anyhow::Result<()> {
-    let path = dir.join(crate::train::sgd::EMA_NAME);
+    let path = dir.join(EMA_NAME);
     let ema = Tensor::read_safetensors(&path).with_context(|| format!("--ema: reading {}", path.display()))?;
     let vars = vs.variables();
     let _guard = tch::no_grad_guard();

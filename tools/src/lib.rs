@@ -19,6 +19,7 @@ mod plot;
 pub mod predict;
 pub mod source;
 pub mod synth;
+pub mod torch_ext;
 pub mod train;
 mod units;
 mod weights_cmds;

@@ -165,15 +165,21 @@ impl Nccl {
         Ok(())
     }
 
+    /// libtorch's current stream on this communicator's GPU.
+    fn stream(&self) -> Stream {
+        crate::torch_ext::cuda::current_stream(self.ctx.ordinal()) as Stream
+    }
+
     /// Sums `t` over all ranks, in place.
     pub fn all_reduce_sum(&self, t: &Tensor) -> anyhow::Result<()> {
         Self::check(t)?;
         let ptr = t.data_ptr();
         self.ctx.bind_to_thread().map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        // SAFETY: `t` is a dense device buffer of numel elements of its dtype; the legacy
-        // default stream (null) orders the call with libtorch's kernels.
+        // SAFETY: `t` is a dense device buffer of numel elements of its dtype; libtorch's
+        // current stream orders the call with its kernels (and is the capture stream while
+        // a training step is captured as a CUDA graph).
         let status = unsafe {
-            (api()?.all_reduce)(ptr, ptr, t.numel(), Self::dtype(t)?, NCCL_SUM, self.comm, std::ptr::null_mut())
+            (api()?.all_reduce)(ptr, ptr, t.numel(), Self::dtype(t)?, NCCL_SUM, self.comm, self.stream())
         };
         check(&format!("ncclAllReduce of {} elements", t.numel()), status)
     }
@@ -196,7 +202,7 @@ impl Nccl {
         self.ctx.bind_to_thread().map_err(|e| anyhow::anyhow!("{e:?}"))?;
         // SAFETY: as in all_reduce_sum.
         let status = unsafe {
-            (api()?.broadcast)(ptr, ptr, t.numel(), Self::dtype(t)?, root as c_int, self.comm, std::ptr::null_mut())
+            (api()?.broadcast)(ptr, ptr, t.numel(), Self::dtype(t)?, root as c_int, self.comm, self.stream())
         };
         check(&format!("ncclBroadcast of {} elements", t.numel()), status).context("broadcasting from rank 0")
     }

@@ -164,7 +164,7 @@ impl Distributed {
         self.all_reduce_sum(t)?;
         let _guard = tch::no_grad_guard();
         let mut t = t.shallow_clone();
-        let _ = t.g_mul_scalar_(1.0 / self.world_size as f64);
+        let _ = t.f_mul_scalar_(1.0 / self.world_size as f64)?;
         Ok(())
     }
 
@@ -175,10 +175,10 @@ impl Distributed {
             return self.all_reduce_mean(t);
         }
         let _guard = tch::no_grad_guard();
-        let wire = (t * (1.0 / self.world_size as f64)).to_kind(kind);
+        let wire = t.f_mul_scalar(1.0 / self.world_size as f64)?.f_to_kind(kind)?;
         self.all_reduce_sum(&wire)?;
         let mut t = t.shallow_clone();
-        t.copy_(&wire);
+        t.f_copy_(&wire)?;
         Ok(())
     }
 

@@ -11,6 +11,7 @@ mod run_dir;
 pub mod scaler;
 pub mod schedule;
 pub mod sgd;
+pub mod step;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -36,11 +37,15 @@ use crate::gpu_loader_args::GpuLoaderArgs;
 use crate::source::open_split;
 use run_dir::RunDir;
 use scaler::LossScaler;
+use step::{HostBatchRelease, StepInput, StepOptions, TrainStep};
 use schedule::{LrSchedule, ScheduleKind};
 use sgd::Sgd;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 pub enum LoaderKind {
+    /// The GPU loader when the model trains on a GPU (CUDA build), else the CPU loader;
+    /// the run's log and summary say which and why.
+    Auto,
     Cpu,
     Gpu,
     /// Random tensors already on the device: compute-only runs.
@@ -90,7 +95,7 @@ pub struct TrainArgs {
     #[arg(long, default_value = "resnet50")]
     #[serde(with = "arch_name")]
     pub arch: Arch,
-    #[arg(long, value_enum, default_value_t = LoaderKind::Cpu)]
+    #[arg(long, value_enum, default_value_t = LoaderKind::Auto)]
     pub loader: LoaderKind,
     #[command(flatten)]
     #[serde(default)]
@@ -187,6 +192,11 @@ pub struct TrainArgs {
     #[arg(long, value_enum, default_value_t = AllReduceDtype::F32)]
     #[serde(default)]
     pub allreduce_dtype: AllReduceDtype,
+    /// Capture the training step as a CUDA graph and replay it (GPU, fixed batch shape, no
+    /// mixup); `--cuda-graphs false` runs every step eagerly.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    #[serde(default = "yes")]
+    pub cuda_graphs: bool,
     /// Run folder: log.jsonl, summary.json, checkpoints/.
     #[arg(long, short)]
     pub output: PathBuf,
@@ -195,6 +205,11 @@ pub struct TrainArgs {
 /// Serde default of `backbone_lr_scale` (runs saved before it existed).
 fn one() -> f64 {
     1.0
+}
+
+/// Serde default of `cuda_graphs` (runs saved before it existed).
+fn yes() -> bool {
+    true
 }
 
 /// Serde default of `gpus` and `TrainState::world_size`.
@@ -366,6 +381,7 @@ fn check_args(args: &TrainArgs) -> anyhow::Result<()> {
     }
     match (args.loader, &args.data) {
         (LoaderKind::Cpu, None) => bail!("--loader cpu needs --data DATASET"),
+        (LoaderKind::Auto, None) => bail!("--loader auto (the default) needs --data DATASET; --loader synthetic trains on random tensors"),
         (LoaderKind::Gpu, data) => {
             convnets_pipeline::device::gpus()?;
             if !device.is_cuda() {
@@ -377,6 +393,27 @@ fn check_args(args: &TrainArgs) -> anyhow::Result<()> {
             Ok(())
         }
         _ => Ok(()),
+    }
+}
+
+/// What `--loader auto` stands for on `device`, and why (`None` for an explicit choice).
+pub(crate) fn resolve_loader(kind: LoaderKind, device: Device) -> (LoaderKind, Option<String>) {
+    if kind != LoaderKind::Auto {
+        return (kind, None);
+    }
+    if !device.is_cuda() {
+        return (LoaderKind::Cpu, Some(format!("--loader auto: the CPU loader, as the model runs on {device:?}")));
+    }
+    match convnets_pipeline::device::gpus() {
+        Ok(_) => (
+            LoaderKind::Gpu,
+            Some(format!(
+                "--loader auto: the GPU loader, as the model runs on {device:?}: batches are made on the GPU \
+                 (nvJPEG's JPEG engines plus CPU threads decode, one kernel augments), which leaves the CPU \
+                 threads only part of the JPEG work"
+            )),
+        ),
+        Err(e) => (LoaderKind::Cpu, Some(format!("--loader auto: the CPU loader, as the GPU loader is not available ({e})"))),
     }
 }
 
@@ -393,7 +430,7 @@ pub(crate) fn device_of(arg: DeviceArg) -> anyhow::Result<Device> {
 static INIT_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Non-finite losses in a row after which a run counts as diverged.
-const NAN_STEPS_TO_STOP: u32 = 5;
+const NAN_STEPS_TO_STOP: u64 = 5;
 
 struct Trainer {
     args: TrainArgs,
@@ -401,8 +438,7 @@ struct Trainer {
     device: Device,
     vs: VarStore,
     model: convnets_models::resnet::ResNet,
-    sgd: Sgd,
-    scaler: LossScaler,
+    step: TrainStep,
     schedule: LrSchedule,
     meta: CheckpointMeta,
     train: Option<Arc<dyn RecordSource>>,
@@ -410,9 +446,13 @@ struct Trainer {
     state: TrainState,
     /// Rank 0 (or the only process) writes the log; the other ranks write nothing.
     log: Option<std::fs::File>,
+    /// Writes rank 0's checkpoints in the background.
+    checkpoints: run_dir::CheckpointWriter,
     dist: Option<Arc<distributed::Distributed>>,
     /// All ranks agreed to stop (Ctrl-C on any of them).
     stop: bool,
+    /// Why `--loader auto` chose the loader it did.
+    loader_choice: Option<String>,
 }
 
 impl Trainer {
@@ -427,6 +467,11 @@ impl Trainer {
             Some(i) => Device::Cuda(i),
             None => device_of(args.device)?,
         };
+        // args.json keeps `auto`: a resumed run chooses again (both loaders give the same
+        // records and crops).
+        let mut args = args;
+        let (loader, loader_choice) = resolve_loader(args.loader, device);
+        args.loader = loader;
         let world = dist.as_ref().map_or(1, |d| d.world_size);
         if let (Device::Cpu, Some(local)) = (device, dist.as_ref().and_then(|d| d.local_world_size)) {
             // Ranks computing on the CPUs of one machine share its cores (as torchrun's
@@ -434,7 +479,7 @@ impl Trainer {
             tch::set_num_threads(convnets_pipeline::loader::core_share(local) as i32);
         }
         let (train, val, classes) = match (&args.loader, &args.data) {
-            (LoaderKind::Cpu | LoaderKind::Gpu, Some(data)) => {
+            (LoaderKind::Cpu | LoaderKind::Gpu | LoaderKind::Auto, Some(data)) => {
                 let train = open_split(data, "train", 1)?;
                 let val = if args.eval_every > 0 { Some(open_split(data, "val", 1)?) } else { None };
                 let classes = convnets_formats::Dataset::open(data)
@@ -474,7 +519,7 @@ impl Trainer {
             convnets_models::weights::load_safetensors(&vs, dir.join(checkpoint::MODEL_NAME))?;
             momentum = Some(Tensor::read_safetensors(dir.join(run_dir::OPTIMIZER_NAME))?);
             if args.ema.is_some() {
-                ema_state = Some(Tensor::read_safetensors(dir.join(sgd::EMA_NAME))?);
+                ema_state = Some(Tensor::read_safetensors(dir.join(checkpoint::EMA_NAME))?);
             }
             eprintln!("resuming from {} (epoch {}, step {})", dir.display(), saved.epoch, saved.step);
             state = saved;
@@ -534,10 +579,33 @@ impl Trainer {
                 ScheduleArg::Step => ScheduleKind::Step { milestones: args.lr_steps.clone(), gamma: 0.1 },
             },
         };
-        let scaler = state.scaler.clone();
+        let opts = StepOptions {
+            amp: args.amp,
+            label_smoothing: args.label_smoothing,
+            // A frozen backbone's BN layers use (and keep) their running statistics.
+            train_bn: !args.freeze_backbone,
+            cuda_graphs: args.cuda_graphs,
+            allreduce_kind: args.allreduce_dtype.kind(),
+        };
+        let step = TrainStep::new(sgd, &state.scaler, opts, device)?;
         let main = dist.as_ref().is_none_or(|d| d.is_main());
         let log = if main { Some(run.open_log(state.step)?) } else { None };
-        Ok(Self { args, run, device, vs, model, sgd, scaler, schedule, meta, train, val, state, log, dist, stop: false })
+        let checkpoints = run_dir::CheckpointWriter::new();
+        let mut trainer = Self { args, run, device, vs, model, step, schedule, meta, train, val, state, log, checkpoints, dist, stop: false, loader_choice };
+        if let Some(why) = trainer.loader_choice.clone() {
+            if trainer.main() {
+                eprintln!("{why}");
+            }
+            trainer.log(json!({"type": "loader", "step": trainer.state.step, "loader": trainer.args.loader, "reason": why}))?;
+        }
+        Ok(trainer)
+    }
+
+    /// Copies the weights, optimizer and loader state to host memory now and writes them
+    /// in the background (the previous checkpoint's write finishes first).
+    fn save_checkpoint(&mut self, is_best: bool) -> anyhow::Result<()> {
+        let snapshot = self.run.snapshot(&self.vs, &self.step.sgd, &self.meta, &self.state, is_best, self.args.keep_last)?;
+        self.checkpoints.submit(snapshot)
     }
 
     fn main(&self) -> bool {
@@ -589,11 +657,21 @@ impl Trainer {
         };
         let steps_per_epoch = loader.as_ref().map_or(100, |l| l.batches_per_epoch()) as u64;
         let total_steps = steps_per_epoch * self.args.epochs;
+        if self.main() && self.device.is_cuda() {
+            // A snapshot taken and dropped now pins the host memory that the epoch-end
+            // snapshots then reuse (libtorch caches pinned blocks), so the first epoch
+            // boundary does not pay for pinning ~3x the model's size.
+            drop(self.run.snapshot(&self.vs, &self.step.sgd, &self.meta, &self.state, false, self.args.keep_last)?);
+        }
         let bar = if self.main() { progress_bar(total_steps, self.state.step) } else { ProgressBar::hidden() };
         let mut images_done = 0u64;
+        // Start of the current epoch (time, images): whole-epoch rates include the boundary.
+        let mut epoch_mark = (Instant::now(), 0u64);
+        let mut epoch_rates = Vec::new();
+        let world = self.dist.as_ref().map_or(1, |d| d.world_size) as u64;
         let mut window = (Instant::now(), 0u64);
         let mut last_eval = None;
-        let mut nan_streak = 0u32;
+        let mut held = HostBatchRelease::default();
         'epochs: while self.state.epoch < self.args.epochs {
             let epoch = self.state.epoch;
             let mut step_in_epoch = self.state.loader.batch as u64;
@@ -604,9 +682,10 @@ impl Trainer {
                         LoaderState { epoch, batch: step_in_epoch as usize },
                         |l| l.state(),
                     );
-                    self.state.scaler = self.scaler.clone();
+                    self.state.scaler = self.step.scaler_state()?;
                     if self.main() {
-                        self.run.save_checkpoint(&self.vs, &self.sgd, &self.meta, &self.state, false, self.args.keep_last)?;
+                        self.save_checkpoint(false)?;
+                        self.checkpoints.wait()?;
                     }
                     bar.println(format!("stopped at step {}; checkpoint saved, continue with --resume", self.state.step));
                     break 'epochs;
@@ -624,34 +703,40 @@ impl Trainer {
                 }
                 let t = epoch as f64 + step_in_epoch as f64 / steps_per_epoch as f64;
                 let lr = self.schedule.lr(t);
-                let (loss, n) = self.step(batch.as_ref(), lr)?;
-                drop(batch);
-                let loss = self.agree(loss)?;
+                let n = self.train_step(batch, lr, &mut held)?;
                 self.state.step += 1;
                 step_in_epoch += 1;
                 images_done += n;
                 window.1 += n;
                 bar.inc(1);
+                if self.dist.is_none() {
+                    self.stop = interrupted();
+                }
+                // The GPU is waited for here only: the loss and the scaler are read back
+                // at logging points (and the ranks agree there on stopping).
                 if self.state.step % self.args.log_every == 0 || step_in_epoch == steps_per_epoch {
+                    let r = self.step.readout()?;
+                    let (loss, diverged) = self.agree(r.loss, r.nonfinite_streak >= NAN_STEPS_TO_STOP)?;
                     // All ranks together (each trained on as many images as this one).
                     let ranks = self.dist.as_ref().map_or(1, |d| d.world_size) as f64;
                     let img_s = window.1 as f64 * ranks / window.0.elapsed().as_secs_f64();
                     window = (Instant::now(), 0);
                     bar.set_message(format!("epoch {epoch} loss {loss:.4} lr {lr:.4} {img_s:.0} img/s"));
                     self.log(json!({"type": "train", "epoch": epoch, "step": self.state.step, "loss": loss,
-                        "lr": lr, "img_s": img_s, "loss_scale": self.scaler.scale}))?;
-                }
-                // Divergence guard: a few non-finite losses in a row (skipped steps) end the run.
-                nan_streak = if loss.is_finite() { 0 } else { nan_streak + 1 };
-                if nan_streak >= NAN_STEPS_TO_STOP {
-                    let last_good = match self.run.latest().ok().flatten() {
-                        Some((dir, _)) => format!("the last checkpoint is {}", dir.display()),
-                        None => "no checkpoint was written before it".to_string(),
-                    };
-                    bail!("loss was {loss} for {nan_streak} steps in a row (step {}, epoch {epoch}): the run diverged \
-                           ({last_good}; a lower --lr or a longer --warmup-epochs may help)", self.state.step);
+                        "lr": lr, "img_s": img_s, "loss_scale": r.loss_scale, "skipped_steps": r.skipped_steps}))?;
+                    // Divergence guard: a few non-finite losses in a row (skipped steps) end the run.
+                    if diverged {
+                        self.checkpoints.wait()?;
+                        let last_good = match self.run.latest().ok().flatten() {
+                            Some((dir, _)) => format!("the last checkpoint is {}", dir.display()),
+                            None => "no checkpoint was written before it".to_string(),
+                        };
+                        bail!("loss was {loss} for {NAN_STEPS_TO_STOP} steps in a row (by step {}, epoch {epoch}): the run diverged \
+                               ({last_good}; a lower --lr or a longer --warmup-epochs may help)", self.state.step);
+                    }
                 }
             }
+            let steps_done = Instant::now();
             self.state.epoch += 1;
             self.state.loader = loader.as_ref().map_or(LoaderState { epoch: epoch + 1, batch: 0 }, |l| l.state());
             let eval = if self.val.is_some() && self.args.eval_every > 0 && (epoch + 1) % self.args.eval_every == 0 {
@@ -668,19 +753,31 @@ impl Trainer {
             if is_best {
                 self.state.best_top1 = eval.as_ref().map(|e| e.top1);
             }
-            self.state.scaler = self.scaler.clone();
+            self.state.scaler = self.step.scaler_state()?;
             if self.main() {
-                self.run.save_checkpoint(&self.vs, &self.sgd, &self.meta, &self.state, is_best, self.args.keep_last)?;
+                self.save_checkpoint(is_best)?;
             }
+            // The epoch's rate over its whole wall time (its boundary included: eval,
+            // checkpoint snapshot, the loader's turn), and what the boundary itself took.
+            let now = Instant::now();
+            let images = (images_done - epoch_mark.1) * world;
+            let wall = now.duration_since(epoch_mark.0).as_secs_f64();
+            let boundary_s = now.duration_since(steps_done).as_secs_f64();
+            epoch_rates.push(images as f64 / wall);
+            self.log(json!({"type": "epoch", "epoch": epoch, "step": self.state.step, "images": images, "wall_s": wall,
+                "img_s": images as f64 / wall, "boundary_s": boundary_s}))?;
+            epoch_mark = (now, images_done);
         }
         bar.finish_and_clear();
+        // The last checkpoint is on disk before the run says it is done.
+        self.checkpoints.wait()?;
         let wall = started.elapsed().as_secs_f64();
         // A check that data parallelism kept the replicas equal: the largest difference of
         // any weight from rank 0's, summed over the ranks (0 when identical).
         let weight_difference = match &self.dist {
             Some(d) => {
                 let _guard = tch::no_grad_guard();
-                let mine = self.sgd.shared_state().swap_remove(0);
+                let mine = self.step.sgd.shared_state().swap_remove(0);
                 let main = mine.copy();
                 d.broadcast_from_main(&main)?;
                 let diff = (&mine - &main).abs().max().double_value(&[]);
@@ -699,12 +796,16 @@ impl Trainer {
         let summary = json!({
             "arch": self.args.arch.name(), "epochs": self.state.epoch, "steps": self.state.step,
             "images": images_done, "wall_s": wall, "img_s": images_done as f64 / wall,
+            "epoch_img_s": epoch_rates,
             "final_eval": last_eval, "best_top1": self.state.best_top1,
-            "skipped_steps": self.scaler.skipped_steps,
+            "skipped_steps": self.state.scaler.skipped_steps,
+            "cuda_graphs": self.step.graphed(),
+            "cuda_graphs_off_because": self.step.graph_note(),
             "data_wait_fraction": data_wait,
             "device": format!("{:?}", self.device),
             "amp": self.args.amp,
             "loader": self.args.loader,
+            "loader_choice": self.loader_choice,
             "batch_size": self.args.batch_size,
             "world_size": world,
             "weight_difference_across_ranks": weight_difference,
@@ -715,43 +816,23 @@ impl Trainer {
         Ok(())
     }
 
-    /// One optimisation step; returns (loss, images).
-    fn step(&mut self, batch: Option<&Batch>, lr: f64) -> anyhow::Result<(f64, u64)> {
-        let (images, labels) = match batch {
-            // Asynchronous from pinned memory; the batch (and so its memory) outlives the
-            // copy because the step ends by reading the loss, which waits for the GPU.
-            Some(b) => (
-                b.images.to_device_(self.device, if self.args.amp { Kind::Half } else { Kind::Float }, true, false),
-                b.labels.to_device_(self.device, Kind::Int64, true, false),
-            ),
-            None => synthetic_batch(self.args.batch_size, self.args.image_size, self.meta.num_classes, self.device, self.args.amp),
+    /// One optimisation step (queued on the device, not waited for); returns the images.
+    fn train_step(&mut self, batch: Option<Batch>, lr: f64, held: &mut HostBatchRelease<Batch>) -> anyhow::Result<u64> {
+        let kind = if self.args.amp { Kind::Half } else { Kind::Float };
+        let (images, labels) = match &batch {
+            // Asynchronous from pinned memory on the CPU path (a no-op for GPU batches);
+            // `held` keeps the batch until the copy is done.
+            Some(b) => (b.images.f_to_device_(self.device, kind, true, false)?, b.labels.f_to_device_(self.device, Kind::Int64, true, false)?),
+            None => step::synthetic_batch(self.args.batch_size as i64, i64::from(self.args.image_size), self.meta.num_classes, self.device, self.args.amp)?,
         };
         let n = labels.size()[0] as u64;
         let (images, mixed_with) = self.mixup(images, &labels)?;
-        self.sgd.zero_grad();
-        let smoothing = self.args.label_smoothing;
-        // A frozen backbone's BN layers use (and keep) their running statistics.
-        let train_bn = !self.args.freeze_backbone;
-        let loss = tch::autocast(self.args.amp, || -> anyhow::Result<Tensor> {
-            let logits = self.model.f_forward_t(&images, train_bn)?.to_kind(Kind::Float);
-            let ce = |y: &Tensor| logits.f_cross_entropy_loss(y, None::<Tensor>, Reduction::Mean, -100, smoothing);
-            Ok(match &mixed_with {
-                Some((lambda, other)) => ce(&labels)? * *lambda + ce(other)? * (1.0 - lambda),
-                None => ce(&labels)?,
-            })
-        })?;
-        let scale = self.scaler.scale;
-        (&loss * scale).backward();
-        if let Some(d) = &self.dist {
-            // The mean gradient over the ranks; every rank then takes the same step (and
-            // the same skip decision on inf/NaN).
-            d.all_reduce_mean_in(self.sgd.flat_grads(), self.args.allreduce_dtype.kind())?;
+        let input = StepInput { images: &images, labels: &labels, mixed_with: mixed_with.as_ref().map(|(l, t)| (*l, t)) };
+        self.step.run(&self.model, input, lr, self.dist.as_deref())?;
+        if let Some(b) = batch {
+            held.hold(b, self.device)?;
         }
-        let finite = self.sgd.grads_finite();
-        if self.scaler.update(finite) {
-            self.sgd.step(lr, 1.0 / scale);
-        }
-        Ok((loss.double_value(&[]), n))
+        Ok(n)
     }
 
     /// Mixup of a batch with a shuffled copy of itself; the weight and the permutation come
@@ -775,26 +856,28 @@ impl Trainer {
         Ok((mixed, Some((lambda, labels.index_select(0, &perm)))))
     }
 
-    /// The loss averaged over the ranks, and whether any rank was interrupted (so that
-    /// all stop at the same step). Without a group: the loss, and this process's Ctrl-C.
-    fn agree(&mut self, loss: f64) -> anyhow::Result<f64> {
+    /// At a logging point: the mean loss over the ranks, whether any rank has diverged,
+    /// and whether any rank was interrupted (so that all stop at the same step). Without a
+    /// group: this process's figures.
+    fn agree(&mut self, loss: f64, diverged: bool) -> anyhow::Result<(f64, bool)> {
         let Some(d) = &self.dist else {
             self.stop = interrupted();
-            return Ok(loss);
+            return Ok((loss, diverged));
         };
-        let v = d.sum_values(&[loss, f64::from(u8::from(interrupted()))])?;
+        let flag = |b: bool| f64::from(u8::from(b));
+        let v = d.sum_values(&[loss, flag(diverged), flag(interrupted())])?;
         d.progress();
-        self.stop = v[1] > 0.0;
-        Ok(v[0] / d.world_size as f64)
+        self.stop = v[2] > 0.0;
+        Ok((v[0] / d.world_size as f64, v[1] > 0.0))
     }
 
     /// Evaluates the averaged weights when an EMA is kept, else the live ones; with a
     /// group, each rank evaluates its share of the split and the counts are summed.
     fn evaluate(&mut self) -> anyhow::Result<EvalResult> {
         let val = self.val.clone().context("no val split")?;
-        self.sgd.swap_ema();
+        self.step.sgd.swap_ema();
         let result = evaluate(&self.model, val, self.loader_config(true), self.device, self.args.amp);
-        self.sgd.swap_ema();
+        self.step.sgd.swap_ema();
         let r = result?;
         let Some(d) = &self.dist else { return Ok(r) };
         let n = r.images as f64;
@@ -810,14 +893,6 @@ impl Trainer {
         }
         Ok(())
     }
-}
-
-fn synthetic_batch(batch: usize, size: u32, classes: i64, device: Device, amp: bool) -> (Tensor, Tensor) {
-    let kind = if amp { Kind::Half } else { Kind::Float };
-    let s = i64::from(size);
-    let images = Tensor::randn([batch as i64, 3, s, s], (kind, device));
-    let images = if device.is_cuda() { convnets_models::layout::to_channels_last(&images).unwrap_or(images) } else { images };
-    (images, Tensor::randint(classes, [batch as i64], (Kind::Int64, device)))
 }
 
 fn progress_bar(total: u64, done: u64) -> ProgressBar {
@@ -911,6 +986,10 @@ pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
         LoaderKind::Gpu if device.is_cuda() => Backend::Gpu(a.gpu.options(0)),
         LoaderKind::Gpu => bail!("--loader gpu needs a GPU{}", if cfg!(feature = "cuda") { "" } else { " (built without CUDA)" }),
         LoaderKind::Synthetic => bail!("eval needs real data: --loader cpu or gpu"),
+        LoaderKind::Auto => match resolve_loader(LoaderKind::Auto, device).0 {
+            LoaderKind::Gpu => Backend::Gpu(a.gpu.options(0)),
+            _ => Backend::Cpu,
+        },
     };
     let val = open_split(&a.data, &a.split, 1)?;
     let cfg = LoaderConfig {

@@ -2,11 +2,12 @@
 //! `checkpoints/step-NNNNNNNN/` + `checkpoints/best/`, each checkpoint written to a temporary
 //! folder and renamed into place, so a crash never leaves a half checkpoint under a real name.
 
-use std::io::{BufRead, Write};
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use tch::nn::VarStore;
+use tch::{Device, Tensor};
 
 use super::sgd::Sgd;
 use super::{TrainArgs, TrainState};
@@ -106,7 +107,11 @@ impl RunDir {
         }
     }
 
-    pub fn save_checkpoint(
+    /// Everything checkpoint `step-N` of `state` holds, copied to host memory: on a GPU
+    /// the copies are queued behind the last step (into pinned memory) and a fence after
+    /// them is what the writer waits for, so the training loop does not wait at all.
+    /// Written by [`CheckpointWriter`] while training goes on.
+    pub fn snapshot(
         &self,
         vs: &VarStore,
         sgd: &Sgd,
@@ -114,33 +119,98 @@ impl RunDir {
         state: &TrainState,
         is_best: bool,
         keep_last: usize,
-    ) -> anyhow::Result<()> {
-        let root = self.checkpoints();
-        let name = format!("step-{:08}", state.step);
-        let tmp = root.join(format!("{name}.tmp"));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp)?;
+    ) -> anyhow::Result<Snapshot> {
+        let _guard = tch::no_grad_guard();
+        let copy = |named: Vec<(String, Tensor)>| -> anyhow::Result<Vec<(String, Tensor)>> {
+            named
+                .into_iter()
+                .map(|(name, t)| Ok((name, t.f_detach()?.f_to_device_(Device::Cpu, t.kind(), true, true)?)))
+                .collect()
+        };
+        let mut model = copy(vs.variables().into_iter().collect())?;
+        model.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut tensors = vec![(checkpoint::MODEL_NAME, model), (OPTIMIZER_NAME, copy(sgd.momentum_views())?)];
+        let ema = sgd.ema_views();
+        if !ema.is_empty() {
+            tensors.push((checkpoint::EMA_NAME, copy(ema)?));
         }
-        checkpoint::save(&tmp, vs, meta)?;
-        sgd.save(&tmp.join(OPTIMIZER_NAME))?;
-        let mut f = std::fs::File::create(tmp.join(STATE_NAME))?;
-        f.write_all(&serde_json::to_vec_pretty(state)?)?;
-        f.sync_all()?;
-        replace_dir(&tmp, &root.join(&name))?;
-        if is_best {
-            let best_tmp = root.join("best.tmp");
+        #[cfg(feature = "cuda")]
+        let fence = match vs.device() {
+            Device::Cuda(i) => Some(crate::torch_ext::cuda::Fence::record(i)?),
+            _ => None,
+        };
+        let mut meta = serde_json::to_vec_pretty(meta)?;
+        meta.push(b'\n');
+        Ok(Snapshot {
+            root: self.checkpoints(),
+            name: format!("step-{:08}", state.step),
+            tensors,
+            files: vec![(checkpoint::META_NAME, meta), (STATE_NAME, serde_json::to_vec_pretty(state)?)],
+            is_best,
+            keep_last,
+            #[cfg(feature = "cuda")]
+            fence,
+        })
+    }
+}
+
+/// A checkpoint in host memory, not yet on disk.
+pub struct Snapshot {
+    root: PathBuf,
+    name: String,
+    tensors: Vec<(&'static str, Vec<(String, Tensor)>)>,
+    files: Vec<(&'static str, Vec<u8>)>,
+    is_best: bool,
+    keep_last: usize,
+    /// Passed once the device-to-host copies are done.
+    #[cfg(feature = "cuda")]
+    fence: Option<crate::torch_ext::cuda::Fence>,
+}
+
+impl Snapshot {
+    /// Writes `NAME.tmp/` (every file fsynced), renames it to `NAME` (so the previous
+    /// checkpoint stays the latest until the new one is whole), copies it to `best` when it
+    /// is, and removes all but the newest `keep_last`. Returns the checkpoint's folder.
+    pub fn write(&self) -> anyhow::Result<PathBuf> {
+        #[cfg(feature = "cuda")]
+        if let Some(fence) = &self.fence {
+            fence.wait()?;
+        }
+        let tmp = self.root.join(format!("{}.tmp", self.name));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
+        }
+        std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        for (file, tensors) in &self.tensors {
+            let path = tmp.join(file);
+            // channels_last weights are written in the standard (NCHW) order.
+            let tensors = tensors.iter().map(|(n, t)| Ok((n.as_str(), t.f_contiguous()?))).collect::<anyhow::Result<Vec<_>>>()?;
+            Tensor::write_safetensors(&tensors, &path).with_context(|| format!("writing {}", path.display()))?;
+            sync_file(&path)?;
+        }
+        for (file, bytes) in &self.files {
+            let path = tmp.join(file);
+            std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
+            sync_file(&path)?;
+        }
+        let dir = self.root.join(&self.name);
+        replace_dir(&tmp, &dir)?;
+        if self.is_best {
+            let best_tmp = self.root.join("best.tmp");
             if best_tmp.exists() {
                 std::fs::remove_dir_all(&best_tmp)?;
             }
             std::fs::create_dir_all(&best_tmp)?;
-            for entry in std::fs::read_dir(root.join(&name))? {
+            for entry in std::fs::read_dir(&dir)? {
                 let entry = entry?;
-                std::fs::copy(entry.path(), best_tmp.join(entry.file_name()))?;
+                let to = best_tmp.join(entry.file_name());
+                std::fs::copy(entry.path(), &to).with_context(|| format!("writing {}", to.display()))?;
+                sync_file(&to)?;
             }
-            replace_dir(&best_tmp, &root.join("best"))?;
+            replace_dir(&best_tmp, &self.root.join("best"))?;
         }
         // Keep the newest `keep_last` checkpoints (at least the one just written).
-        let mut epochs: Vec<PathBuf> = std::fs::read_dir(&root)?
+        let mut steps: Vec<PathBuf> = std::fs::read_dir(&self.root)?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| {
                 p.file_name()
@@ -148,12 +218,77 @@ impl RunDir {
                     .is_some_and(|n| n.starts_with("step-") && !n.ends_with(".tmp"))
             })
             .collect();
-        epochs.sort();
-        let keep = keep_last.max(1);
-        for old in epochs.iter().take(epochs.len().saturating_sub(keep)) {
+        steps.sort();
+        let keep = self.keep_last.max(1);
+        for old in steps.iter().take(steps.len().saturating_sub(keep)) {
             std::fs::remove_dir_all(old).with_context(|| format!("removing {}", old.display()))?;
         }
+        Ok(dir)
+    }
+}
+
+fn sync_file(path: &Path) -> anyhow::Result<()> {
+    std::fs::File::open(path).and_then(|f| f.sync_all()).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Writes checkpoints on a thread of its own, one at a time, so an epoch boundary costs
+/// the host copy only. A failed write is returned by the next [`CheckpointWriter::submit`]
+/// or by [`CheckpointWriter::wait`]; dropping the writer waits for a write in flight.
+pub struct CheckpointWriter {
+    jobs: Option<std::sync::mpsc::SyncSender<Snapshot>>,
+    results: std::sync::mpsc::Receiver<anyhow::Result<PathBuf>>,
+    in_flight: bool,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Default for CheckpointWriter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CheckpointWriter {
+    pub fn new() -> Self {
+        let (jobs, queue) = std::sync::mpsc::sync_channel::<Snapshot>(1);
+        let (done, results) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("checkpoint-writer".into())
+            .spawn(move || {
+                for snapshot in queue {
+                    if done.send(snapshot.write()).is_err() {
+                        break;
+                    }
+                }
+            })
+            .expect("spawning the checkpoint writer thread");
+        Self { jobs: Some(jobs), results, in_flight: false, thread: Some(thread) }
+    }
+
+    /// Queues `snapshot` after the write in flight, whose error (if any) it returns.
+    pub fn submit(&mut self, snapshot: Snapshot) -> anyhow::Result<()> {
+        self.wait()?;
+        let jobs = self.jobs.as_ref().context("the checkpoint writer has stopped")?;
+        jobs.send(snapshot).map_err(|_| anyhow::anyhow!("the checkpoint writer thread has stopped"))?;
+        self.in_flight = true;
         Ok(())
+    }
+
+    /// Waits for the write in flight; its folder, or `None` when there was none.
+    pub fn wait(&mut self) -> anyhow::Result<Option<PathBuf>> {
+        if !std::mem::take(&mut self.in_flight) {
+            return Ok(None);
+        }
+        let written = self.results.recv().map_err(|_| anyhow::anyhow!("the checkpoint writer thread has stopped"))?;
+        Ok(Some(written.context("writing a checkpoint")?))
+    }
+}
+
+impl Drop for CheckpointWriter {
+    fn drop(&mut self) {
+        drop(self.jobs.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -171,4 +306,88 @@ fn replace_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
         std::fs::rename(from, to)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::scaler::LossScaler;
+    use convnets_pipeline::loader::LoaderState;
+    use tch::nn::{self, VarStore};
+
+    fn state(step: u64) -> TrainState {
+        TrainState {
+            epoch: step,
+            step,
+            loader: LoaderState::default(),
+            scaler: LossScaler::new(false),
+            best_top1: None,
+            world_size: 1,
+        }
+    }
+
+    fn model() -> anyhow::Result<(VarStore, Sgd)> {
+        let vs = VarStore::new(Device::Cpu);
+        let _ = vs.root().var("w", &[64, 64], nn::Init::Randn { mean: 0.0, stdev: 1.0 });
+        let _ = vs.root().var("b", &[64], nn::Init::Const(0.5));
+        let sgd = Sgd::new(&vs, 0.9, 0.0, false)?;
+        Ok((vs, sgd))
+    }
+
+    fn weights_at(dir: &Path) -> anyhow::Result<Tensor> {
+        let (vs, _) = model()?;
+        convnets_models::weights::load_safetensors(&vs, dir.join(checkpoint::MODEL_NAME))?;
+        Ok(vs.variables()["w"].copy())
+    }
+
+    #[test]
+    fn background_writes_leave_the_previous_checkpoint_whole_until_the_rename() -> anyhow::Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let run = RunDir::new(tmp.path());
+        std::fs::create_dir_all(run.checkpoints())?;
+        let (vs, sgd) = model()?;
+        let meta = CheckpointMeta::new(convnets_models::Arch::ResNet18, 2);
+        let mut writer = CheckpointWriter::new();
+
+        writer.submit(run.snapshot(&vs, &sgd, &meta, &state(1), false, 2)?)?;
+        // The snapshot is taken at submit: later changes to the weights are not in it.
+        let first = vs.variables()["w"].copy();
+        let _ = vs.variables()["w"].detach().f_add_scalar_(1.0)?;
+        let written = writer.wait()?.context("a write was in flight")?;
+        assert!(weights_at(&written)?.equal(&first));
+
+        // A process killed in the middle of the next write leaves its temporary folder
+        // with a partial file: the latest checkpoint is still the whole previous one.
+        let partial = run.checkpoints().join("step-00000002.tmp");
+        std::fs::create_dir_all(&partial)?;
+        let bytes = std::fs::read(written.join(checkpoint::MODEL_NAME))?;
+        std::fs::write(partial.join(checkpoint::MODEL_NAME), &bytes[..bytes.len() / 2])?;
+        let (latest, st) = run.latest()?.context("a checkpoint")?;
+        assert_eq!((latest.clone(), st.step), (written.clone(), 1));
+        assert!(weights_at(&latest)?.equal(&first));
+
+        // A write that fails is an error naming the path, returned by the next wait.
+        std::fs::write(run.checkpoints().join("step-00000003.tmp"), b"in the way")?;
+        writer.submit(run.snapshot(&vs, &sgd, &meta, &state(3), false, 2)?)?;
+        let err = format!("{:#}", writer.wait().expect_err("the write fails"));
+        assert!(err.contains("step-00000003.tmp"), "{err}");
+        assert_eq!(run.latest()?.context("a checkpoint")?.1.step, 1);
+        std::fs::remove_file(run.checkpoints().join("step-00000003.tmp"))?;
+
+        // A writer dropped (end of training, Ctrl-C) finishes the write in flight first;
+        // the one before it is retried cleanly from its leftovers.
+        writer.submit(run.snapshot(&vs, &sgd, &meta, &state(2), false, 2)?)?;
+        writer.wait()?;
+        writer.submit(run.snapshot(&vs, &sgd, &meta, &state(4), false, 2)?)?;
+        drop(writer);
+        let (latest, st) = run.latest()?.context("a checkpoint")?;
+        assert_eq!(st.step, 4);
+        assert!(weights_at(&latest)?.equal(&vs.variables()["w"]));
+        // keep_last 2: step 1 is gone, steps 2 and 4 stay; no temporary folder is left.
+        let mut names: Vec<String> =
+            std::fs::read_dir(run.checkpoints())?.map(|e| Ok(e?.file_name().to_string_lossy().into_owned())).collect::<anyhow::Result<_>>()?;
+        names.sort();
+        assert_eq!(names, ["step-00000002", "step-00000004"]);
+        Ok(())
+    }
 }

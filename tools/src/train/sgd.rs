@@ -48,6 +48,15 @@ pub struct Sgd {
 /// Names of the classifier's parameters (torchvision's and timm's ResNet `fc`).
 pub const HEAD_PREFIX: &str = "fc.";
 
+/// Parameters start at multiples of this many elements (64 bytes) in the flat buffers:
+/// cuDNN and vectorised kernels read them with wide loads, which fault on a view at an odd
+/// offset (a 10-class classifier bias would otherwise misalign every BN parameter after it).
+const ALIGN: i64 = 16;
+
+fn aligned(offset: i64) -> i64 {
+    (offset + ALIGN - 1) / ALIGN * ALIGN
+}
+
 /// Position of a parameter in the flat buffers (see the module docs).
 fn group_rank(name: &str, t: &Tensor) -> u8 {
     match (t.dim() > 1, name.starts_with(HEAD_PREFIX)) {
@@ -66,14 +75,30 @@ impl Sgd {
         let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
         vars.sort_by(|a, b| (group_rank(&a.0, &a.1), &a.0).cmp(&(group_rank(&b.0, &b.1), &b.0)));
         let device = vars.first().map_or(Device::Cpu, |(_, t)| t.device());
-        let total: i64 = vars.iter().map(|(_, t)| t.numel() as i64).sum();
+        // Each parameter starts at a multiple of ALIGN elements; the ranges the update
+        // treats alike (decayed or not, classifier or not) are whole aligned blocks, and
+        // the padding between them is zero in every buffer (and stays so).
+        let mut starts = Vec::with_capacity(vars.len());
+        let (mut offset, mut decayed) = (0i64, None);
+        let mut head: Option<(i64, i64)> = None;
+        for (name, tensor) in &vars {
+            offset = aligned(offset);
+            if tensor.dim() <= 1 && decayed.is_none() {
+                decayed = Some(offset);
+            }
+            starts.push(offset);
+            offset += tensor.numel() as i64;
+            if name.starts_with(HEAD_PREFIX) {
+                head = Some((head.map_or(starts[starts.len() - 1], |h| h.0), aligned(offset)));
+            }
+        }
+        let total = aligned(offset);
+        let decayed = decayed.unwrap_or(total);
         let flat_params = Tensor::zeros([total], (Kind::Float, device));
         let flat_grads = Tensor::zeros([total], (Kind::Float, device));
         let mut params = Vec::with_capacity(vars.len());
-        let (mut offset, mut decayed) = (0i64, 0i64);
-        let mut head = (total, total);
         let _guard = tch::no_grad_guard();
-        for (name, mut tensor) in vars {
+        for ((name, mut tensor), offset) in vars.into_iter().zip(starts) {
             if tensor.kind() != Kind::Float || tensor.device() != device {
                 bail!("parameter {name} is {:?} on {:?}; SGD needs fp32 parameters on one device", tensor.kind(), tensor.device());
             }
@@ -81,15 +106,13 @@ impl Sgd {
             let mut view = flat_params.as_strided(tensor.size(), tensor.stride(), offset);
             view.copy_(&tensor);
             tensor.set_data(&view);
-            if tensor.dim() > 1 {
-                decayed += numel;
-            }
-            if name.starts_with(HEAD_PREFIX) {
-                head = (head.0.min(offset), offset + numel);
-            }
             params.push(Param { name, tensor, offset, numel });
-            offset += numel;
         }
+        // No classifier: an empty range at the decay boundary.
+        let head = head.unwrap_or((decayed, decayed));
+        // Zeros: the first update then sets buf = d, as PyTorch's first step does; a buffer
+        // that exists from the start keeps every step (and a captured graph) alike.
+        let momentum_buffer = (momentum != 0.0).then(|| flat_params.zeros_like());
         Ok(Self {
             params,
             decayed,
@@ -97,13 +120,19 @@ impl Sgd {
             flat_params,
             flat_grads,
             grads_attached: false,
-            momentum_buffer: None,
+            momentum_buffer,
             ema: None,
             momentum,
             weight_decay,
             nesterov,
             backbone_lr_scale: 1.0,
         })
+    }
+
+    /// Whether every parameter starts at an aligned offset (for the tests).
+    #[cfg(test)]
+    fn aligned(&self) -> bool {
+        self.params.iter().all(|p| p.offset % ALIGN == 0) && self.decayed % ALIGN == 0
     }
 
     /// Names of the parameters with and without weight decay.
@@ -159,47 +188,56 @@ impl Sgd {
         }
     }
 
-    /// True when every gradient is finite (one reduction, one sync).
-    pub fn grads_finite(&mut self) -> bool {
-        self.attach_grads();
-        self.flat_grads.isfinite().all().int64_value(&[]) != 0
-    }
-
-    /// One update with learning rate `lr`; gradients are first multiplied by `grad_scale`
-    /// (the inverse of the loss scale).
-    pub fn step(&mut self, lr: f64, grad_scale: f64) {
+    /// One update with the learning rate in `lr` (a one-element f32 tensor on the
+    /// parameters' device), skipped when `found_inf` holds 1: PyTorch's fused SGD over each
+    /// contiguous (weight decay, LR group) range of the flat buffers, then the moving
+    /// average. Gradients must already be unscaled. Nothing here waits for the device.
+    pub fn step(&mut self, lr: &Tensor, found_inf: &Tensor) -> anyhow::Result<()> {
         self.attach_grads();
         let _guard = tch::no_grad_guard();
-        let mut d = &self.flat_grads * grad_scale;
-        if self.weight_decay != 0.0 && self.decayed > 0 {
-            let mut head = d.narrow(0, 0, self.decayed);
-            head += self.flat_params.narrow(0, 0, self.decayed) * self.weight_decay;
-        }
-        if self.momentum != 0.0 {
-            let b = match &mut self.momentum_buffer {
-                Some(b) => {
-                    *b *= self.momentum;
-                    *b += &d;
-                    b
-                }
-                None => self.momentum_buffer.insert(d.copy()),
-            };
-            d = if self.nesterov { d + &*b * self.momentum } else { b.shallow_clone() };
-        }
-        let update = d * lr;
-        if self.backbone_lr_scale != 1.0 {
-            let total = self.flat_params.numel() as i64;
-            for (start, end) in [(0, self.head.0), (self.head.1, total)] {
-                if end > start {
-                    let _ = update.narrow(0, start, end - start).g_mul_scalar_(self.backbone_lr_scale);
-                }
+        let total = self.flat_params.numel() as i64;
+        let backbone_lr = if self.backbone_lr_scale != 1.0 { Some(lr.f_mul_scalar(self.backbone_lr_scale)?) } else { None };
+        let (h0, h1) = self.head;
+        // (start, end, weight decay, classifier?) in flat order; empty ranges are skipped.
+        let ranges = [
+            (0, h0, self.weight_decay, false),
+            (h0, self.decayed, self.weight_decay, true),
+            (self.decayed, h1, 0.0, true),
+            (h1, total, 0.0, false),
+        ];
+        let mut merged: Vec<(i64, i64, f64, bool)> = Vec::with_capacity(4);
+        for (start, end, wd, head) in ranges {
+            if end <= start {
+                continue;
+            }
+            // Without an LR scale the classifier is just more backbone.
+            let head = head && backbone_lr.is_some();
+            match merged.last_mut() {
+                Some(last) if last.1 == start && last.2 == wd && last.3 == head => last.1 = end,
+                _ => merged.push((start, end, wd, head)),
             }
         }
-        self.flat_params -= update;
-        if let Some((decay, ema)) = &mut self.ema {
-            // ema = decay * ema + (1 - decay) * params
-            let _ = ema.lerp_(&self.flat_params, 1.0 - *decay);
+        for (start, end, wd, head) in merged {
+            let len = end - start;
+            let p = self.flat_params.f_narrow(0, start, len)?;
+            let g = self.flat_grads.f_narrow(0, start, len)?;
+            let b = match &self.momentum_buffer {
+                Some(b) => vec![b.f_narrow(0, start, len)?],
+                None => Vec::new(),
+            };
+            let lr = match (&backbone_lr, head) {
+                (Some(scaled), false) => scaled,
+                _ => lr,
+            };
+            let bufs: Vec<&Tensor> = b.iter().collect();
+            crate::torch_ext::fused_sgd(&[&p], &[&g], &bufs, wd, self.momentum, lr, self.nesterov, Some(found_inf))?;
         }
+        if let Some((decay, ema)) = &mut self.ema {
+            // ema = decay * ema + (1 - decay) * params, on taken steps only.
+            let weight = found_inf.f_neg()?.f_add_scalar(1.0)?.f_mul_scalar(1.0 - *decay)?;
+            let _ = ema.f_lerp_tensor_(&self.flat_params, &weight)?;
+        }
+        Ok(())
     }
 
     /// Keeps an exponential moving average of the parameters from now on.
@@ -220,11 +258,13 @@ impl Sgd {
 
     /// The moving average by parameter name (contiguous, on the CPU), for checkpoints.
     pub fn ema_state(&self) -> Vec<(String, Tensor)> {
+        to_host(self.ema_views())
+    }
+
+    /// The moving average by parameter name, as views of the device buffer.
+    pub fn ema_views(&self) -> Vec<(String, Tensor)> {
         let Some((_, ema)) = &self.ema else { return Vec::new() };
-        self.params
-            .iter()
-            .map(|p| (p.name.clone(), self.view(ema, p).to_device(Device::Cpu).contiguous()))
-            .collect()
+        self.params.iter().map(|p| (p.name.clone(), self.view(ema, p))).collect()
     }
 
     pub fn load_ema_state(&mut self, state: &HashMap<String, Tensor>) -> anyhow::Result<()> {
@@ -243,19 +283,26 @@ impl Sgd {
 
     /// Momentum buffers by parameter name (contiguous, on the CPU), for checkpoints.
     pub fn state(&self) -> Vec<(String, Tensor)> {
+        to_host(self.momentum_views())
+    }
+
+    /// Momentum buffers by parameter name, as views of the device buffer.
+    pub fn momentum_views(&self) -> Vec<(String, Tensor)> {
         let Some(b) = &self.momentum_buffer else { return Vec::new() };
-        self.params
-            .iter()
-            .map(|p| (p.name.clone(), self.view(b, p).to_device(Device::Cpu).contiguous()))
-            .collect()
+        self.params.iter().map(|p| (p.name.clone(), self.view(b, p))).collect()
     }
 
     pub fn load_state(&mut self, state: &HashMap<String, Tensor>) -> anyhow::Result<()> {
+        let Some(buffer) = self.momentum_buffer.as_ref().map(Tensor::shallow_clone) else {
+            if let Some(name) = state.keys().next() {
+                bail!("momentum buffer for {name}, but this run has no momentum");
+            }
+            return Ok(());
+        };
         if state.is_empty() {
-            self.momentum_buffer = None;
+            // Saved before the first step: the buffer is still zero.
             return Ok(());
         }
-        let buffer = self.flat_params.zeros_like();
         let _guard = tch::no_grad_guard();
         for p in &self.params {
             let t = state.get(&p.name).with_context(|| format!("no momentum buffer for {}", p.name))?;
@@ -267,16 +314,6 @@ impl Sgd {
         if let Some(extra) = state.keys().find(|k| !self.params.iter().any(|p| &p.name == *k)) {
             bail!("momentum buffer for unknown parameter {extra}");
         }
-        self.momentum_buffer = Some(buffer);
-        Ok(())
-    }
-
-    /// Writes the momentum buffers (and, next to them, the moving average when kept).
-    pub fn save(&self, path: &std::path::Path) -> anyhow::Result<()> {
-        write_named(path, &self.state())?;
-        if self.ema.is_some() {
-            write_named(&path.with_file_name(EMA_NAME), &self.ema_state())?;
-        }
         Ok(())
     }
 
@@ -286,20 +323,23 @@ impl Sgd {
     }
 }
 
-/// File of the moving average in a checkpoint folder (parameter names as in the model).
-pub const EMA_NAME: &str = "ema.safetensors";
-
-fn write_named(path: &std::path::Path, state: &[(String, Tensor)]) -> anyhow::Result<()> {
-    let tmp = convnets_formats::atomic::temp_path(path);
-    Tensor::write_safetensors(state, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+fn to_host(views: Vec<(String, Tensor)>) -> Vec<(String, Tensor)> {
+    views.into_iter().map(|(name, t)| (name, t.to_device(Device::Cpu).contiguous())).collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use tch::nn::{self, ModuleT};
+
+    /// Unscales by `grad_scale`, then steps; whether the step was taken.
+    fn take_step(sgd: &mut Sgd, lr: f64, grad_scale: f64) -> anyhow::Result<bool> {
+        let inf = Tensor::zeros([], (Kind::Float, Device::Cpu));
+        let grads = sgd.flat_grads().shallow_clone();
+        crate::torch_ext::non_finite_check_and_unscale(&[&grads], &inf, &Tensor::from(grad_scale as f32))?;
+        sgd.step(&Tensor::from(lr as f32), &inf)?;
+        Ok(inf.double_value(&[]) == 0.0)
+    }
 
     #[test]
     fn no_weight_decay_on_bn_and_bias() -> anyhow::Result<()> {
@@ -314,6 +354,7 @@ mod tests {
         assert!(!decay.iter().any(|n| n.contains("running")));
         assert_eq!(decay.len() + no_decay.len(), vs.trainable_variables().len());
         assert_eq!(sgd.numel(), 11_181_642, "resnet18 with 10 classes");
+        assert!(sgd.aligned(), "every parameter at a 64-byte boundary despite the 10-element fc.bias");
         Ok(())
     }
 
@@ -326,7 +367,7 @@ mod tests {
         for _ in 0..3 {
             sgd.zero_grad();
             (w.sum(Kind::Float) + b.sum(Kind::Float)).backward();
-            sgd.step(0.1, 1.0);
+            take_step(&mut sgd, 0.1, 1.0)?;
         }
         // w: g = 1 + 0.1 w; buf = 0.5 buf + g; w -= 0.1 buf.
         let (mut wv, mut wb, mut bv, mut bb) = (1.0f64, 0.0f64, 1.0f64, 0.0f64);
@@ -361,7 +402,7 @@ mod tests {
         for _ in 0..2 {
             sgd.zero_grad();
             vars.iter().fold(Tensor::zeros([], (Kind::Float, Device::Cpu)), |acc, v| acc + v.sum(Kind::Float)).backward();
-            sgd.step(0.1, 1.0);
+            take_step(&mut sgd, 0.1, 1.0)?;
         }
         // Hand-computed: g = 1 (+ 0.1 w when decayed); buf = 0.5 buf + g; w -= lr * buf.
         let expect = |decayed: bool, lr: f64| {
@@ -397,8 +438,7 @@ mod tests {
         for _ in 0..2 {
             sgd.zero_grad();
             a.forward_t(&x, true).cross_entropy_for_logits(&y).backward();
-            assert!(sgd.grads_finite());
-            sgd.step(0.05, 0.5);
+            assert!(take_step(&mut sgd, 0.05, 0.5)?);
 
             for mut t in vs_b.trainable_variables() {
                 t.zero_grad();
