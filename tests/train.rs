@@ -61,6 +61,17 @@ fn learns_then_eval_agrees_with_the_run() -> Result<()> {
     assert!(losses.last().unwrap().1 < losses[0].1, "loss did not fall: {losses:?}");
     let log = std::fs::read_to_string(run.join("log.jsonl"))?;
     assert_eq!(log.lines().filter(|l| l.contains("\"type\":\"eval\"")).count(), 6);
+    // No --loader: `auto` chose the CPU loader (the model trains on the CPU) and says why.
+    assert_eq!(summary["loader"], "Cpu");
+    let why = summary["loader_choice"].as_str().context("loader_choice")?;
+    assert!(why.contains("--loader auto: the CPU loader"), "{why}");
+    assert_eq!(log.lines().filter(|l| l.contains("\"type\":\"loader\"")).count(), 1);
+    // One record per whole epoch, with its rate and what its boundary took.
+    let epochs: Vec<serde_json::Value> =
+        log.lines().filter(|l| l.contains("\"type\":\"epoch\"")).map(serde_json::from_str).collect::<Result<_, _>>()?;
+    assert_eq!(epochs.len(), 6);
+    assert!(epochs.iter().all(|e| e["img_s"].as_f64().is_some_and(|r| r > 0.0) && e["boundary_s"].as_f64().is_some()));
+    assert_eq!(summary["epoch_img_s"].as_array().map(Vec::len), Some(6));
 
     // `convnets eval` on the best checkpoint reproduces the best epoch's figure.
     let best = run.join("checkpoints/best");

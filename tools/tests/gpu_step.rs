@@ -12,6 +12,9 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 const STEPS: usize = 50;
+/// Distinct batches, cycled through the steps: few enough to be memorised (so the loss
+/// falls), more than one so that each replay copies new data into the captured inputs.
+const BATCHES: usize = 4;
 
 fn trainee(cuda_graphs: bool) -> anyhow::Result<(VarStore, ResNet, TrainStep)> {
     let device = Device::Cuda(0);
@@ -31,7 +34,7 @@ fn trainee(cuda_graphs: bool) -> anyhow::Result<(VarStore, ResNet, TrainStep)> {
 /// The same batches for every run: made on the CPU from a fixed seed, then moved.
 fn batches() -> Vec<(Tensor, Tensor)> {
     tch::manual_seed(11);
-    (0..STEPS)
+    (0..BATCHES)
         .map(|_| {
             let x = Tensor::randn([32, 3, 64, 64], (Kind::Float, Device::Cpu)).to_kind(Kind::Half).to_device(Device::Cuda(0));
             let x = convnets_models::layout::to_channels_last(&x).expect("channels_last");
@@ -45,7 +48,7 @@ fn batches() -> Vec<(Tensor, Tensor)> {
 fn losses(cuda_graphs: bool, data: &[(Tensor, Tensor)]) -> anyhow::Result<(Vec<f64>, bool)> {
     let (_vs, model, mut step) = trainee(cuda_graphs)?;
     let mut out = Vec::new();
-    for (x, y) in data {
+    for (x, y) in data.iter().cycle().take(STEPS) {
         step.run(&model, StepInput { images: x, labels: y, mixed_with: None }, 0.02, None)?;
         out.push(step.readout()?.loss);
     }
@@ -63,7 +66,8 @@ fn graph_replayed_steps_give_the_losses_of_eager_steps() -> anyhow::Result<()> {
     assert!(eager.iter().chain(&replayed).all(|l| l.is_finite()));
     // fp16 autocast: cuDNN may pick other algorithms per run, so not bit-equal.
     assert!(worst < 0.05, "losses differ by {worst}: {eager:?} vs {replayed:?}");
-    assert!(replayed[STEPS - 1] < replayed[0], "it learns");
+    let mean = |l: &[f64]| l.iter().sum::<f64>() / l.len() as f64;
+    assert!(mean(&replayed[STEPS - BATCHES..]) < mean(&replayed[..BATCHES]) - 0.1, "it learns: {replayed:?}");
     Ok(())
 }
 
@@ -71,22 +75,22 @@ fn graph_replayed_steps_give_the_losses_of_eager_steps() -> anyhow::Result<()> {
 fn an_injected_inf_skips_that_step_and_halves_the_scale_in_a_graph() -> anyhow::Result<()> {
     let data = batches();
     let (vs, model, mut step) = trainee(true)?;
-    for (x, y) in &data[..5] {
+    for (x, y) in data.iter().cycle().take(5) {
         step.run(&model, StepInput { images: x, labels: y, mixed_with: None }, 0.02, None)?;
     }
     let before = step.readout()?;
     assert!(step.graphed());
     let weights: Vec<(String, Tensor)> = vs.trainable_variables().iter().enumerate().map(|(i, t)| (i.to_string(), t.copy())).collect();
-    let bad = data[5].0.copy();
+    let bad = data[1].0.copy();
     let _ = bad.narrow(0, 0, 1).fill_(f64::INFINITY);
-    step.run(&model, StepInput { images: &bad, labels: &data[5].1, mixed_with: None }, 0.02, None)?;
+    step.run(&model, StepInput { images: &bad, labels: &data[1].1, mixed_with: None }, 0.02, None)?;
     let after = step.readout()?;
     assert_eq!(after.skipped_steps, before.skipped_steps + 1);
     assert_eq!(after.loss_scale, before.loss_scale / 2.0);
     for ((_, w), now) in weights.iter().zip(vs.trainable_variables()) {
         assert!(w.equal(&now), "a skipped step changed a weight");
     }
-    step.run(&model, StepInput { images: &data[6].0, labels: &data[6].1, mixed_with: None }, 0.02, None)?;
+    step.run(&model, StepInput { images: &data[2].0, labels: &data[2].1, mixed_with: None }, 0.02, None)?;
     let next = step.readout()?;
     assert_eq!(next.skipped_steps, after.skipped_steps, "the next finite step is taken");
     assert!(next.loss.is_finite());

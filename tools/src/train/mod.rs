@@ -417,6 +417,26 @@ pub(crate) fn resolve_loader(kind: LoaderKind, device: Device) -> (LoaderKind, O
     }
 }
 
+/// The GPU loader's hardware-decoder share for training when `--hw-decoder-load` is not
+/// given: the CPU threads take what they can of what the model consumes, the JPEG engines
+/// the rest. Decoding on the engines slows the model's own kernels (on an H200 with 16
+/// threads per GPU, resnet50 trained at 0.97 of compute speed with the loader's
+/// throughput-balanced share of 0.70 and 0.995 with 0; on 2 GPUs 0.90 and 0.97), while CPU
+/// threads do not. The model's consumption is estimated from its measured H200 rate
+/// (BENCHMARKS.md) and CPU threads are counted at 80 % of their measured decode rate. On a
+/// GPU much faster than an H200 the CPU share may then fall short; `--hw-decoder-load` sets it.
+fn training_hardware_share(cpu_threads: usize, arch: Arch) -> f64 {
+    const CPU_THREAD_DECODES_PER_S: f64 = 700.0;
+    let demand = match arch {
+        Arch::ResNeXt101_32x4d => 2_900.0,
+        Arch::SeResNeXt101_32x4d => 2_000.0,
+        // resnet50's; the smaller ResNets consume more, the larger less.
+        _ => 6_100.0,
+    };
+    let cpu = 0.8 * CPU_THREAD_DECODES_PER_S * cpu_threads as f64;
+    (1.0 - cpu / demand).clamp(0.0, 1.0)
+}
+
 /// The device a `--device` flag names, refusing `cuda` when libtorch sees no GPU.
 pub(crate) fn device_of(arg: DeviceArg) -> anyhow::Result<Device> {
     Ok(match arg {
@@ -616,8 +636,14 @@ impl Trainer {
         let cuda = self.device.is_cuda();
         let gpu = self.args.loader == LoaderKind::Gpu;
         let device = self.dist.as_ref().and_then(|d| d.device).unwrap_or(0);
+        let local = self.dist.as_ref().and_then(|d| d.local_world_size).unwrap_or(1);
+        let mut options = self.args.gpu.options(device);
+        if options.hardware_share.is_none() && !eval {
+            let threads = if self.args.threads > 0 { self.args.threads } else { convnets_pipeline::loader::core_share(local) };
+            options.hardware_share = Some(training_hardware_share(threads, self.args.arch));
+        }
         LoaderConfig {
-            backend: if gpu { Backend::Gpu(self.args.gpu.options(device)) } else { Backend::Cpu },
+            backend: if gpu { Backend::Gpu(options) } else { Backend::Cpu },
             sampler: SamplerConfig {
                 seed: self.args.seed,
                 shuffle: !eval,
@@ -1024,6 +1050,15 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         args: TrainArgs,
+    }
+
+    #[test]
+    fn training_sends_the_jpeg_engines_only_what_the_cpu_threads_cannot_carry() {
+        let share = |t, arch| training_hardware_share(t, arch);
+        assert_eq!(share(16, Arch::ResNet50), 0.0, "16 threads carry resnet50 alone");
+        assert_eq!(share(8, Arch::SeResNeXt101_32x4d), 0.0);
+        assert!((share(8, Arch::ResNet50) - (1.0 - 4480.0 / 6100.0)).abs() < 1e-12);
+        assert!(share(1, Arch::ResNet50) > 0.9 && share(4, Arch::ResNet50) > share(8, Arch::ResNet50));
     }
 
     #[test]
