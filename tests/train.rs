@@ -138,6 +138,7 @@ fn recipes_set_flags_that_the_command_line_overrides() -> Result<()> {
     assert_eq!(args["mixup"], 0.2, "from the recipe");
     assert_eq!(args["lr_schedule"], "Step", "from the file");
     assert_eq!(args["lr_steps"], serde_json::json!([1.0]));
+    assert_eq!(args["zero_init_residual"], true, "the seed's choice, from the recipe");
     let e = convnets(&["train", "--recipe", "rn99", "-o", "x"]).unwrap_err();
     assert!(message(&e).contains("rn50-90e"), "{}", message(&e));
     Ok(())
@@ -162,5 +163,32 @@ fn bad_requests_are_clear_errors() -> Result<()> {
         assert!(message(&e).contains("GPU"), "{}", message(&e));
     }
     assert!(!out.exists(), "refused runs write nothing");
+    Ok(())
+}
+
+#[test]
+fn zero_init_residual_is_a_flag() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let packed = dataset(tmp.path(), 2, 8, 2)?;
+    // The last BN of each residual branch (bn2 in resnet18's blocks): gamma 0 by default,
+    // 1 (torchvision's init) with --zero-init-residual false; recorded in args.json.
+    for (flag, gamma) in [(None, 0.0), (Some("false"), 1.0)] {
+        let run = tmp.path().join(format!("run-{}", flag.unwrap_or("default")));
+        let mut extra = vec!["--max-steps", "0", "--eval-every", "0"];
+        if let Some(v) = flag {
+            extra.extend(["--zero-init-residual", v]);
+        }
+        convnets(&train_args(packed.to_str().unwrap(), run.to_str().unwrap(), &extra))?;
+        let args: serde_json::Value = serde_json::from_slice(&std::fs::read(run.join("args.json"))?)?;
+        assert_eq!(args["zero_init_residual"], flag.is_none());
+        let ckpt = std::fs::read_dir(run.join("checkpoints"))?.next().context("a checkpoint")??.path();
+        let weights: std::collections::HashMap<String, tch::Tensor> =
+            tch::Tensor::read_safetensors(ckpt.join("model.safetensors"))?.into_iter().collect();
+        for name in ["layer1.0.bn2.weight", "layer4.1.bn2.weight"] {
+            let w = weights.get(name).context(name)?;
+            assert_eq!((w.min().double_value(&[]), w.max().double_value(&[])), (gamma, gamma), "{name}");
+        }
+        assert_eq!(weights["layer1.0.bn1.weight"].min().double_value(&[]), 1.0);
+    }
     Ok(())
 }

@@ -34,6 +34,10 @@ pub struct CheckpointMeta {
     /// Where the weights came from (informational).
     #[serde(default)]
     pub source: String,
+    /// Side of the training crops: what `eval` and `predict` use unless told otherwise.
+    /// Unknown (`None`) for imported weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_size: Option<u32>,
 }
 
 impl CheckpointMeta {
@@ -45,6 +49,20 @@ impl CheckpointMeta {
             num_classes,
             classes: Vec::new(),
             source: String::new(),
+            image_size: None,
+        }
+    }
+
+    /// The input size for evaluating these weights: `flag` when given, else the size they
+    /// were trained at, else 224 (ImageNet's), saying so on stderr.
+    pub fn eval_image_size(&self, flag: Option<u32>) -> u32 {
+        match (flag, self.image_size) {
+            (Some(size), _) => size,
+            (None, Some(size)) => size,
+            (None, None) => {
+                eprintln!("the checkpoint does not say what size it was trained at (imported weights): using 224; --image-size sets it");
+                224
+            }
         }
     }
 

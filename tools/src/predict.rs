@@ -38,9 +38,10 @@ pub struct PredictArgs {
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
     /// Side of the centre crop the model sees (the image is first resized so its shorter
-    /// side is 8/7 of it, as `eval` does); use the size the model was trained at.
-    #[arg(long, default_value_t = 224)]
-    pub image_size: u32,
+    /// side is 8/7 of it, as `eval` does). Default: the size the checkpoint was trained at
+    /// (224 for imported weights).
+    #[arg(long)]
+    pub image_size: Option<u32>,
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     pub device: DeviceArg,
     /// Decoding threads (0: one per core).
@@ -81,7 +82,7 @@ pub struct FileError {
 }
 
 pub fn run(a: PredictArgs) -> anyhow::Result<()> {
-    if a.top_k == 0 || a.batch_size == 0 || a.image_size == 0 {
+    if a.top_k == 0 || a.batch_size == 0 || a.image_size == Some(0) {
         bail!("--top-k, --batch-size and --image-size must be at least 1");
     }
     let device = device_of(a.device)?;
@@ -94,6 +95,7 @@ pub fn run(a: PredictArgs) -> anyhow::Result<()> {
         }
         checkpoint::apply_ema(&loaded.vs, &checkpoint::resolve(&a.checkpoint)?)?;
     }
+    let image_size = loaded.meta.eval_image_size(a.image_size);
     let files = collect_images(&a.inputs)?;
     if files.is_empty() {
         bail!("no JPEG files (*.jpg, *.jpeg) in {}", list(&a.inputs));
@@ -111,13 +113,13 @@ pub fn run(a: PredictArgs) -> anyhow::Result<()> {
         bar.suspend(|| table.header());
     }
     let spec = OutputSpec {
-        width: a.image_size,
-        height: a.image_size,
+        width: image_size,
+        height: image_size,
         dtype: OutputDtype::F32,
         layout: Layout::Nchw,
         normalize: Some(Default::default()),
     };
-    let crop = CenterCrop::for_crop(a.image_size);
+    let crop = CenterCrop::for_crop(image_size);
     let (mut predictions, mut errors) = (Vec::new(), Vec::new());
     for chunk in files.chunks(a.batch_size) {
         let samples: Vec<Result<Vec<u8>, String>> = pool.install(|| {
@@ -138,7 +140,7 @@ pub fn run(a: PredictArgs) -> anyhow::Result<()> {
             }
         }
         if !good.is_empty() {
-            let top = top_k(&loaded, &pixels, good.len(), a.image_size, k, device)?;
+            let top = top_k(&loaded, &pixels, good.len(), image_size, k, device)?;
             let batch: Vec<Prediction> = good
                 .iter()
                 .zip(top)
@@ -160,7 +162,7 @@ pub fn run(a: PredictArgs) -> anyhow::Result<()> {
             "checkpoint": a.checkpoint.display().to_string(),
             "arch": loaded.meta.arch,
             "num_classes": loaded.meta.num_classes,
-            "image_size": a.image_size,
+            "image_size": image_size,
             "top_k": k,
             "images": files.len(),
             "predicted": predictions.len(),

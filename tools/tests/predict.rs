@@ -106,6 +106,18 @@ fn predicts_the_classes_of_unseen_images_with_names() -> Result<()> {
         "--device", "cpu", "--image-size", "32", "--threads", "2", "--json"])?)?;
     assert_eq!(eval["top1"].as_f64(), Some(correct as f64 / 40.0), "predict and eval disagree");
 
+    // Without --image-size both use the size the checkpoint was trained at (32 here, not
+    // 224): the same figures as with it.
+    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(best.join("checkpoint.json"))?)?;
+    assert_eq!(meta["image_size"], 32);
+    let eval_default: serde_json::Value = serde_json::from_str(&ok(&["eval", "--data", s(&packed), "--checkpoint", s(&best),
+        "--device", "cpu", "--threads", "2", "--json"])?)?;
+    assert_eq!(eval_default, eval);
+    let doc_default: serde_json::Value = serde_json::from_str(&ok(&["predict", "--checkpoint", s(&run_dir),
+        "--device", "cpu", "--batch-size", "7", "--top-k", "3", "--json", s(&images.join("val"))])?)?;
+    assert_eq!(doc_default["predictions"], doc["predictions"]);
+    assert_eq!(doc_default["image_size"], 32);
+
     // The table: files given one by one, names on the terminal.
     let one = images.join("val").join(wnid(2));
     let mut files: Vec<PathBuf> = std::fs::read_dir(&one)?.filter_map(|e| e.ok().map(|e| e.path())).collect();

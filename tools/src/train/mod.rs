@@ -192,6 +192,12 @@ pub struct TrainArgs {
     #[arg(long, value_enum, default_value_t = AllReduceDtype::F32)]
     #[serde(default)]
     pub allreduce_dtype: AllReduceDtype,
+    /// Start each residual block as the identity: the last BN of its branch gets gamma 0
+    /// (Goyal et al. 2017; the seed's and timm's choice, not torchvision's default). It
+    /// slows the first epochs, so for short runs and fine-tuning `false` may learn faster.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    #[serde(default = "yes")]
+    pub zero_init_residual: bool,
     /// Capture the training step as a CUDA graph and replay it (GPU, fixed batch shape, no
     /// mixup); `--cuda-graphs false` runs every step eagerly.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -517,11 +523,13 @@ impl Trainer {
             // that the same seed gives the same weights even with other runs in the process.
             let _rng = INIT_RNG.lock().unwrap_or_else(|p| p.into_inner());
             tch::manual_seed(args.seed as i64);
-            args.arch.build(&vs.root(), num_classes, &ModelConfig { memory_format, ..ModelConfig::default() })?
+            let cfg = ModelConfig { memory_format, zero_init_last_bn: args.zero_init_residual };
+            args.arch.build(&vs.root(), num_classes, &cfg)?
         };
         let mut meta = CheckpointMeta::new(args.arch, num_classes);
         meta.classes = classes;
         meta.source = "convnets train".into();
+        meta.image_size = Some(args.image_size);
         let mut state = TrainState {
             epoch: 0,
             step: 0,
@@ -980,8 +988,10 @@ pub struct EvalArgs {
     pub split: String,
     #[arg(long, default_value_t = 256)]
     pub batch_size: usize,
-    #[arg(long, default_value_t = 224)]
-    pub image_size: u32,
+    /// Side of the centre crop (after resizing the shorter side to 8/7 of it). Default: the
+    /// size the checkpoint was trained at (224 for imported weights).
+    #[arg(long)]
+    pub image_size: Option<u32>,
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     pub device: DeviceArg,
     #[arg(long, default_value_t = 0)]
@@ -1017,14 +1027,18 @@ pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
             _ => Backend::Cpu,
         },
     };
+    let image_size = loaded.meta.eval_image_size(a.image_size);
+    if image_size == 0 || a.batch_size == 0 {
+        bail!("--image-size and --batch-size must be at least 1");
+    }
     let val = open_split(&a.data, &a.split, 1)?;
     let cfg = LoaderConfig {
         backend,
         sampler: SamplerConfig { shuffle: false, batch_size: a.batch_size, last_batch: LastBatch::Partial, ..Default::default() },
-        transform: Transform::Eval(CenterCrop::for_crop(a.image_size)),
+        transform: Transform::Eval(CenterCrop::for_crop(image_size)),
         output: OutputSpec {
-            width: a.image_size,
-            height: a.image_size,
+            width: image_size,
+            height: image_size,
             dtype: OutputDtype::F32,
             layout: if device.is_cuda() { Layout::Nhwc } else { Layout::Nchw },
             normalize: Some(Default::default()),

@@ -20,7 +20,10 @@ pub const RECIPES: &[(&str, &str, &[&str])] = &[
 ];
 
 /// Flags every recipe shares.
-const COMMON: &[&str] = &["--lr", "0.256", "--warmup-epochs", "8", "--lr-schedule", "cosine", "--label-smoothing", "0.1", "--momentum", "0.875"];
+const COMMON: &[&str] = &[
+    "--lr", "0.256", "--warmup-epochs", "8", "--lr-schedule", "cosine", "--label-smoothing", "0.1", "--momentum", "0.875",
+    "--zero-init-residual", "true",
+];
 
 /// The value following `flag` (as `--flag value` or `--flag=value`).
 fn value_of(args: &[OsString], flag: &str) -> Option<String> {
