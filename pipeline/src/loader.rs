@@ -136,6 +136,22 @@ impl LoaderConfig {
 }
 
 /// One process's equal share of this machine's cores, when `processes` share it (at least 1).
+/// Loader threads per core accepted at most: more only thrash, and a count in the tens of
+/// thousands cannot even be started (the process aborts).
+pub const MAX_THREADS_PER_CORE: usize = 8;
+
+/// Refuses a thread count no machine benefits from, before any thread starts.
+pub fn check_threads(threads: usize) -> Result<()> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let max = MAX_THREADS_PER_CORE * cores;
+    if threads > max {
+        return Err(Error::Config(format!(
+            "--threads {threads}: at most {max} ({MAX_THREADS_PER_CORE} per core, {cores} cores here; 0 takes one per core)"
+        )));
+    }
+    Ok(())
+}
+
 pub fn core_share(processes: usize) -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     (cores / processes.max(1)).max(1)
@@ -415,6 +431,7 @@ impl Loader {
     /// Starts the loader's threads, positioned at `state`. `cfg.backend` picks the CPU or
     /// the GPU path.
     pub fn new(source: Arc<dyn RecordSource>, cfg: LoaderConfig, state: LoaderState) -> Result<Self> {
+        check_threads(cfg.threads)?;
         let inner = match cfg.backend {
             Backend::Cpu => Inner::Cpu(CpuLoader::new(source, cfg, state)?),
             #[cfg(feature = "cuda")]

@@ -85,6 +85,7 @@ pub fn run(a: PredictArgs) -> anyhow::Result<()> {
     if a.top_k == 0 || a.batch_size == 0 || a.image_size == Some(0) {
         bail!("--top-k, --batch-size and --image-size must be at least 1");
     }
+    convnets_pipeline::loader::check_threads(a.threads)?;
     let device = device_of(a.device)?;
     let memory_format = if device.is_cuda() { MemoryFormat::ChannelsLast } else { MemoryFormat::Contiguous };
     let cfg = ModelConfig { memory_format, ..ModelConfig::default() };

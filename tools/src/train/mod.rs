@@ -379,6 +379,8 @@ fn check_args(args: &TrainArgs) -> anyhow::Result<()> {
     if args.batch_size == 0 || args.epochs == 0 {
         bail!("--batch-size and --epochs must be at least 1");
     }
+    check_hyperparameters(args)?;
+    convnets_pipeline::loader::check_threads(args.threads)?;
     if !(args.backbone_lr_scale.is_finite() && args.backbone_lr_scale >= 0.0) {
         bail!("--backbone-lr-scale must be a finite number >= 0, got {}", args.backbone_lr_scale);
     }
@@ -400,6 +402,32 @@ fn check_args(args: &TrainArgs) -> anyhow::Result<()> {
         }
         _ => Ok(()),
     }
+}
+
+/// The float flags as torch.optim.SGD and F.cross_entropy would take them: finite, and in
+/// range (a NaN or negative LR would otherwise train silently to NaNs or by gradient ascent).
+fn check_hyperparameters(args: &TrainArgs) -> anyhow::Result<()> {
+    let checks: [(&str, f64, bool, &str); 7] = [
+        ("--lr", args.lr, args.lr > 0.0, "a finite number > 0"),
+        ("--warmup-epochs", args.warmup_epochs, args.warmup_epochs >= 0.0, "a finite number >= 0"),
+        ("--momentum", args.momentum, args.momentum >= 0.0, "a finite number >= 0"),
+        ("--weight-decay", args.weight_decay, args.weight_decay >= 0.0, "a finite number >= 0"),
+        ("--label-smoothing", args.label_smoothing, (0.0..=1.0).contains(&args.label_smoothing), "between 0 and 1"),
+        ("--mixup", args.mixup, args.mixup >= 0.0, "a finite number >= 0 (0: off)"),
+        ("--ema", args.ema.unwrap_or(0.5), args.ema.is_none_or(|d| d > 0.0 && d < 1.0), "between 0 and 1, exclusive"),
+    ];
+    for (flag, value, ok, what) in checks {
+        if !(value.is_finite() && ok) {
+            bail!("{flag} must be {what}, got {value}");
+        }
+    }
+    if let Some(bad) = args.lr_steps.iter().find(|s| !(s.is_finite() && **s >= 0.0)) {
+        bail!("--lr-steps must be finite epochs >= 0, got {bad}");
+    }
+    if args.nesterov && args.momentum == 0.0 {
+        bail!("--nesterov needs a --momentum above 0");
+    }
+    Ok(())
 }
 
 /// What `--loader auto` stands for on `device`, and why (`None` for an explicit choice).
