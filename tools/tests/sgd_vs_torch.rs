@@ -41,7 +41,7 @@ fn compare(nesterov: bool) -> Result<()> {
         let mut grads = Vec::new();
         for (name, p) in trainable() {
             let g = Tensor::randn(p.size(), (Kind::Float, Device::Cpu)) * 0.1;
-            let _ = p.grad().copy_(&g);
+            p.grad().copy_(&g);
             grads.push((name, g));
         }
         Tensor::write_safetensors(&grads, dir.join(format!("grads-{k}.safetensors")))?;
