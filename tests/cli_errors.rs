@@ -184,23 +184,51 @@ fn bad_training_values_are_refused_before_anything_is_written() -> Result<()> {
         (&["--lr", "inf"], &["--lr", "inf"]),
         (&["--momentum=-0.5"], &["--momentum", ">= 0"]),
         (&["--weight-decay=-1e-4"], &["--weight-decay", ">= 0"]),
-        (&["--label-smoothing", "1.5"], &["--label-smoothing", "between 0 and 1"]),
+        (
+            &["--label-smoothing", "1.5"],
+            &["--label-smoothing", "between 0 and 1"],
+        ),
         (&["--mixup", "nan"], &["--mixup"]),
         (&["--ema", "1"], &["--ema"]),
         (&["--warmup-epochs=-2"], &["--warmup-epochs", ">= 0"]),
-        (&["--lr-schedule", "step", "--lr-steps", "30,nan"], &["--lr-steps"]),
-        (&["--nesterov", "--momentum", "0"], &["--nesterov", "--momentum"]),
+        (
+            &["--lr-schedule", "step", "--lr-steps", "30,nan"],
+            &["--lr-steps"],
+        ),
+        (
+            &["--nesterov", "--momentum", "0"],
+            &["--nesterov", "--momentum"],
+        ),
         (&["--threads", "100000"], &["--threads 100000", "per core"]),
     ];
     for (flags, needles) in cases {
-        let mut args = vec!["train", "--loader", "synthetic", "--device", "cpu", "--arch", "resnet18", "-o", r];
+        let mut args = vec![
+            "train",
+            "--loader",
+            "synthetic",
+            "--device",
+            "cpu",
+            "--arch",
+            "resnet18",
+            "-o",
+            r,
+        ];
         args.extend_from_slice(flags);
         expect_err(convnets(&args), needles)?;
         assert!(!run.join("args.json").exists(), "{flags:?} started a run");
     }
     // The loader and predict refuse an absurd thread count too, instead of aborting.
     expect_err(
-        convnets(&["predict", "--checkpoint", r, "--device", "cpu", "--threads", "100000", r]),
+        convnets(&[
+            "predict",
+            "--checkpoint",
+            r,
+            "--device",
+            "cpu",
+            "--threads",
+            "100000",
+            r,
+        ]),
         &["--threads 100000"],
     )?;
     Ok(())

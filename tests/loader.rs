@@ -74,7 +74,12 @@ fn same(a: &[Taken], b: &[Taken]) {
     assert_eq!(a.len(), b.len());
     for (x, y) in a.iter().zip(b) {
         assert_eq!((x.0, x.1, &x.4), (y.0, y.1, &y.4));
-        assert!(x.2.equal(&y.2), "images of epoch {} batch {} differ", x.0, x.1);
+        assert!(
+            x.2.equal(&y.2),
+            "images of epoch {} batch {} differ",
+            x.0,
+            x.1
+        );
         assert!(x.3.equal(&y.3));
     }
 }
@@ -159,7 +164,10 @@ fn eval_across_ranks_sees_every_record_once_with_its_label() -> Result<()> {
             last_batch: LastBatch::Partial,
             ..Default::default()
         };
-        cfg.transform = Transform::Eval(CenterCrop { resize: 36, crop: 32 });
+        cfg.transform = Transform::Eval(CenterCrop {
+            resize: 36,
+            crop: 32,
+        });
         let mut loader = Loader::new(source.clone(), cfg, LoaderState::default())?;
         while let Some(b) = loader.next_batch() {
             let b = b?;
@@ -185,10 +193,17 @@ fn u8_nhwc_holds_the_same_pixels_as_f32_nchw() -> Result<()> {
     u8cfg.output.normalize = None;
     let mut f32cfg = config(2, 4);
     f32cfg.output.normalize = None;
-    let a = take(&mut Loader::new(source.clone(), u8cfg, LoaderState::default())?, 1)?;
+    let a = take(
+        &mut Loader::new(source.clone(), u8cfg, LoaderState::default())?,
+        1,
+    )?;
     let b = take(&mut Loader::new(source, f32cfg, LoaderState::default())?, 1)?;
     assert_eq!(a[0].2.size(), [4, 3, 32, 32]);
-    assert_eq!(a[0].2.stride(), [32 * 32 * 3, 1, 32 * 3, 3], "channels_last strides");
+    assert_eq!(
+        a[0].2.stride(),
+        [32 * 32 * 3, 1, 32 * 3, 3],
+        "channels_last strides"
+    );
     let diff = (a[0].2.to_kind(tch::Kind::Float) - &b[0].2 * 255.0)
         .abs()
         .max()
@@ -216,7 +231,11 @@ fn a_bad_record_is_an_error_naming_it_or_a_counted_skip() -> Result<()> {
     cfg.sampler.shuffle = false;
 
     let mut strict = Loader::new(source.clone(), cfg.clone(), LoaderState::default())?;
-    let err = strict.next_batch().context("a batch")?.err().context("an error")?;
+    let err = strict
+        .next_batch()
+        .context("a batch")?
+        .err()
+        .context("an error")?;
     let msg = err.to_string();
     assert!(msg.contains("s-0.cnr") && msg.contains("record 2"), "{msg}");
     // The loader goes on with the next batch.
@@ -257,7 +276,15 @@ fn bad_configurations_are_errors() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let source = packed(tmp.path())?;
     assert!(Loader::new(source.clone(), config(1, 64), LoaderState::default()).is_err());
-    assert!(Loader::new(source, config(1, 4), LoaderState { epoch: 0, batch: 99 }).is_err());
+    assert!(Loader::new(
+        source,
+        config(1, 4),
+        LoaderState {
+            epoch: 0,
+            batch: 99
+        }
+    )
+    .is_err());
     Ok(())
 }
 
@@ -270,13 +297,20 @@ fn tfrecords_are_loaded_in_place() -> Result<()> {
     let mut cfg = config(2, 2);
     cfg.sampler.shuffle = false;
     cfg.sampler.last_batch = LastBatch::Partial;
-    cfg.transform = Transform::Eval(CenterCrop { resize: 36, crop: 32 });
+    cfg.transform = Transform::Eval(CenterCrop {
+        resize: 36,
+        crop: 32,
+    });
     let mut loader = Loader::new(source.clone(), cfg, LoaderState::default())?;
     let mut labels = Vec::new();
     while let Some(b) = loader.next_batch() {
         labels.extend(Vec::<i64>::try_from(&b?.labels)?);
     }
-    let mut expected: Vec<i64> = fixture.split("val").iter().map(|i| i64::from(i.label)).collect();
+    let mut expected: Vec<i64> = fixture
+        .split("val")
+        .iter()
+        .map(|i| i64::from(i.label))
+        .collect();
     let mut got = labels.clone();
     expected.sort();
     got.sort();
@@ -284,10 +318,30 @@ fn tfrecords_are_loaded_in_place() -> Result<()> {
     // The CLI bench reads the same folder.
     let tf = tmp.path().join("tf");
     convnets(&[
-        "bench", "loader", "--data", tf.to_str().unwrap(), "--split", "train", "--batch-size", "2",
-        "--threads", "1", "--image-size", "32", "--epochs", "1", "--warmup-batches", "1", "--json",
+        "bench",
+        "loader",
+        "--data",
+        tf.to_str().unwrap(),
+        "--split",
+        "train",
+        "--batch-size",
+        "2",
+        "--threads",
+        "1",
+        "--image-size",
+        "32",
+        "--epochs",
+        "1",
+        "--warmup-batches",
+        "1",
+        "--json",
     ])?;
-    let err = convnets_tools::source::open_split(tmp.path(), "train", 1).err().context("not a dataset")?;
-    assert!(err.to_string().contains("neither a packed dataset"), "{err}");
+    let err = convnets_tools::source::open_split(tmp.path(), "train", 1)
+        .err()
+        .context("not a dataset")?;
+    assert!(
+        err.to_string().contains("neither a packed dataset"),
+        "{err}"
+    );
     Ok(())
 }

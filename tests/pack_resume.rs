@@ -173,7 +173,11 @@ fn an_unfinished_or_damaged_shard_is_rebuilt() -> Result<()> {
     std::fs::write(out.join(train), &bytes[..bytes.len() / 2])?;
     std::fs::remove_file(out.join(val))?;
     // And one finished shard damaged in place since (same size, one bit of image data).
-    let damaged = shards.iter().filter(|n| n.starts_with("train")).nth(1).unwrap();
+    let damaged = shards
+        .iter()
+        .filter(|n| n.starts_with("train"))
+        .nth(1)
+        .unwrap();
     flip_bit(&out.join(damaged), 100, 3)?;
     std::fs::remove_file(out.join("manifest.json"))?;
     std::fs::remove_file(out.join("pack-report.json"))?;

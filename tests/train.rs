@@ -15,8 +15,19 @@ fn dataset(dir: &Path, classes: usize, train: usize, val: usize) -> Result<std::
     let packed = dir.join("packed");
     let s = |n: usize| n.to_string();
     convnets(&[
-        "synth", "--output", images.to_str().unwrap(), "--classes", &s(classes),
-        "--train-per-class", &s(train), "--val-per-class", &s(val), "--size", "40", "--seed", "3",
+        "synth",
+        "--output",
+        images.to_str().unwrap(),
+        "--classes",
+        &s(classes),
+        "--train-per-class",
+        &s(train),
+        "--val-per-class",
+        &s(val),
+        "--size",
+        "40",
+        "--seed",
+        "3",
     ])?;
     pack_shards(&images, &packed, 2, 1, &[])?;
     Ok(packed)
@@ -24,8 +35,23 @@ fn dataset(dir: &Path, classes: usize, train: usize, val: usize) -> Result<std::
 
 fn train_args<'a>(packed: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec![
-        "train", "--data", packed, "--arch", "resnet18", "--device", "cpu", "--image-size", "32",
-        "--batch-size", "16", "--threads", "2", "--seed", "5", "-o", out,
+        "train",
+        "--data",
+        packed,
+        "--arch",
+        "resnet18",
+        "--device",
+        "cpu",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "16",
+        "--threads",
+        "2",
+        "--seed",
+        "5",
+        "-o",
+        out,
     ];
     args.extend_from_slice(extra);
     args
@@ -37,7 +63,10 @@ fn train_losses(run: &Path) -> Result<Vec<(u64, f64)>> {
     for line in text.lines() {
         let v: serde_json::Value = serde_json::from_str(line)?;
         if v["type"] == "train" {
-            out.push((v["step"].as_u64().context("step")?, v["loss"].as_f64().context("loss")?));
+            out.push((
+                v["step"].as_u64().context("step")?,
+                v["loss"].as_f64().context("loss")?,
+            ));
         }
     }
     Ok(out)
@@ -49,28 +78,65 @@ fn learns_then_eval_agrees_with_the_run() -> Result<()> {
     let packed = dataset(tmp.path(), 4, 32, 10)?;
     let run = tmp.path().join("run");
     let (p, r) = (packed.to_str().unwrap(), run.to_str().unwrap());
-    convnets(&train_args(p, r, &["--epochs", "6", "--warmup-epochs", "1", "--lr", "2.0", "--log-every", "4"]))?;
+    convnets(&train_args(
+        p,
+        r,
+        &[
+            "--epochs",
+            "6",
+            "--warmup-epochs",
+            "1",
+            "--lr",
+            "2.0",
+            "--log-every",
+            "4",
+        ],
+    ))?;
 
-    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(run.join("summary.json"))?)?;
-    let top1 = summary["final_eval"]["top1"].as_f64().context("final top1")?;
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("summary.json"))?)?;
+    let top1 = summary["final_eval"]["top1"]
+        .as_f64()
+        .context("final top1")?;
     // Chance is 25 %; the synthetic classes are easy once learnt.
     assert!(top1 >= 0.7, "top-1 after 6 epochs: {top1}");
-    assert_eq!(summary["final_eval"]["images"], 40, "every val image exactly once");
+    assert_eq!(
+        summary["final_eval"]["images"], 40,
+        "every val image exactly once"
+    );
     let losses = train_losses(&run)?;
     assert!(losses.len() >= 6);
-    assert!(losses.last().unwrap().1 < losses[0].1, "loss did not fall: {losses:?}");
+    assert!(
+        losses.last().unwrap().1 < losses[0].1,
+        "loss did not fall: {losses:?}"
+    );
     let log = std::fs::read_to_string(run.join("log.jsonl"))?;
-    assert_eq!(log.lines().filter(|l| l.contains("\"type\":\"eval\"")).count(), 6);
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.contains("\"type\":\"eval\""))
+            .count(),
+        6
+    );
     // No --loader: `auto` chose the CPU loader (the model trains on the CPU) and says why.
     assert_eq!(summary["loader"], "Cpu");
     let why = summary["loader_choice"].as_str().context("loader_choice")?;
     assert!(why.contains("--loader auto: the CPU loader"), "{why}");
-    assert_eq!(log.lines().filter(|l| l.contains("\"type\":\"loader\"")).count(), 1);
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.contains("\"type\":\"loader\""))
+            .count(),
+        1
+    );
     // One record per whole epoch, with its rate and what its boundary took.
-    let epochs: Vec<serde_json::Value> =
-        log.lines().filter(|l| l.contains("\"type\":\"epoch\"")).map(serde_json::from_str).collect::<Result<_, _>>()?;
+    let epochs: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|l| l.contains("\"type\":\"epoch\""))
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
     assert_eq!(epochs.len(), 6);
-    assert!(epochs.iter().all(|e| e["img_s"].as_f64().is_some_and(|r| r > 0.0) && e["boundary_s"].as_f64().is_some()));
+    assert!(epochs.iter().all(
+        |e| e["img_s"].as_f64().is_some_and(|r| r > 0.0) && e["boundary_s"].as_f64().is_some()
+    ));
     assert_eq!(summary["epoch_img_s"].as_array().map(Vec::len), Some(6));
 
     // `convnets eval` on the best checkpoint reproduces the best epoch's figure.
@@ -78,8 +144,22 @@ fn learns_then_eval_agrees_with_the_run() -> Result<()> {
     assert!(best.join("model.safetensors").is_file() && best.join("checkpoint.json").is_file());
     let checkpoints: Vec<_> = std::fs::read_dir(run.join("checkpoints"))?.collect();
     assert_eq!(checkpoints.len(), 3, "keep last 2 + best");
-    convnets(&["eval", "--data", p, "--checkpoint", best.to_str().unwrap(), "--device", "cpu",
-        "--image-size", "32", "--batch-size", "7", "--threads", "2", "--json"])?;
+    convnets(&[
+        "eval",
+        "--data",
+        p,
+        "--checkpoint",
+        best.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "7",
+        "--threads",
+        "2",
+        "--json",
+    ])?;
     let best_top1 = summary["best_top1"].as_f64().context("best")?;
     assert!(best_top1 >= top1);
 
@@ -96,7 +176,20 @@ fn resume_from_mid_epoch_equals_the_uninterrupted_run() -> Result<()> {
     let p = packed.to_str().unwrap();
     let (full, split) = (tmp.path().join("full"), tmp.path().join("split"));
     // Mixup and EMA on, so their state and randomness are covered by the resume too.
-    let common = ["--epochs", "2", "--log-every", "1", "--warmup-epochs", "0.5", "--eval-every", "1", "--mixup", "0.2", "--ema", "0.9"];
+    let common = [
+        "--epochs",
+        "2",
+        "--log-every",
+        "1",
+        "--warmup-epochs",
+        "0.5",
+        "--eval-every",
+        "1",
+        "--mixup",
+        "0.2",
+        "--ema",
+        "0.9",
+    ];
     convnets(&train_args(p, full.to_str().unwrap(), &common))?;
 
     // Stop after 3 steps (epoch 0 has 36/16 = 2 steps, so mid epoch 1), then resume.
@@ -110,12 +203,31 @@ fn resume_from_mid_epoch_equals_the_uninterrupted_run() -> Result<()> {
     assert_eq!(a.len(), 4);
     assert_eq!(a, b, "per-step losses differ after resume");
     let evals = |run: &Path| -> Result<Vec<String>> {
-        Ok(std::fs::read_to_string(run.join("log.jsonl"))?.lines().filter(|l| l.contains("\"eval\"")).map(String::from).collect())
+        Ok(std::fs::read_to_string(run.join("log.jsonl"))?
+            .lines()
+            .filter(|l| l.contains("\"eval\""))
+            .map(String::from)
+            .collect())
     };
-    assert_eq!(evals(&full)?, evals(&split)?, "evaluations of the EMA weights differ");
+    assert_eq!(
+        evals(&full)?,
+        evals(&split)?,
+        "evaluations of the EMA weights differ"
+    );
     let best = split.join("checkpoints/best");
     assert!(best.join("ema.safetensors").is_file());
-    convnets(&["eval", "--data", p, "--checkpoint", best.to_str().unwrap(), "--device", "cpu", "--image-size", "32", "--ema"])?;
+    convnets(&[
+        "eval",
+        "--data",
+        p,
+        "--checkpoint",
+        best.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--image-size",
+        "32",
+        "--ema",
+    ])?;
     // Starting a second run in the same folder is refused.
     let err = convnets(&train_args(p, split.to_str().unwrap(), &common)).unwrap_err();
     assert!(message(&err).contains("--resume"), "{}", message(&err));
@@ -128,17 +240,32 @@ fn recipes_set_flags_that_the_command_line_overrides() -> Result<()> {
     let packed = dataset(tmp.path(), 2, 8, 2)?;
     let run = tmp.path().join("run");
     let recipe = tmp.path().join("recipe.toml");
-    std::fs::write(&recipe, "warmup_epochs = 0\nlr-schedule = \"step\"\nlr-steps = [1]\nlog-every = 1\n")?;
-    convnets(&train_args(packed.to_str().unwrap(), run.to_str().unwrap(), &[
-        "--recipe", "rn50-250e", "--recipe-file", recipe.to_str().unwrap(), "--epochs", "1",
-    ]))?;
+    std::fs::write(
+        &recipe,
+        "warmup_epochs = 0\nlr-schedule = \"step\"\nlr-steps = [1]\nlog-every = 1\n",
+    )?;
+    convnets(&train_args(
+        packed.to_str().unwrap(),
+        run.to_str().unwrap(),
+        &[
+            "--recipe",
+            "rn50-250e",
+            "--recipe-file",
+            recipe.to_str().unwrap(),
+            "--epochs",
+            "1",
+        ],
+    ))?;
     let args: serde_json::Value = serde_json::from_slice(&std::fs::read(run.join("args.json"))?)?;
     assert_eq!(args["epochs"], 1, "command line over recipe");
     assert_eq!(args["arch"], "resnet18", "command line over recipe");
     assert_eq!(args["mixup"], 0.2, "from the recipe");
     assert_eq!(args["lr_schedule"], "Step", "from the file");
     assert_eq!(args["lr_steps"], serde_json::json!([1.0]));
-    assert_eq!(args["zero_init_residual"], true, "the seed's choice, from the recipe");
+    assert_eq!(
+        args["zero_init_residual"], true,
+        "the seed's choice, from the recipe"
+    );
     let e = convnets(&["train", "--recipe", "rn99", "-o", "x"]).unwrap_err();
     assert!(message(&e).contains("rn50-90e"), "{}", message(&e));
     Ok(())
@@ -149,17 +276,53 @@ fn bad_requests_are_clear_errors() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let out = tmp.path().join("run");
     let o = out.to_str().unwrap();
-    let e = convnets(&["train", "--arch", "resnet18", "--device", "cpu", "--amp", "-o", o, "--loader", "synthetic"]).unwrap_err();
+    let e = convnets(&[
+        "train",
+        "--arch",
+        "resnet18",
+        "--device",
+        "cpu",
+        "--amp",
+        "-o",
+        o,
+        "--loader",
+        "synthetic",
+    ])
+    .unwrap_err();
     assert!(message(&e).contains("--amp needs a GPU"), "{}", message(&e));
     let e = convnets(&["train", "--arch", "resnet18", "--device", "cpu", "-o", o]).unwrap_err();
     assert!(message(&e).contains("--data"), "{}", message(&e));
-    let e = convnets(&["train", "--resume", "-o", tmp.path().join("none").to_str().unwrap()]).unwrap_err();
+    let e = convnets(&[
+        "train",
+        "--resume",
+        "-o",
+        tmp.path().join("none").to_str().unwrap(),
+    ])
+    .unwrap_err();
     assert!(message(&e).contains("args.json"), "{}", message(&e));
     // Without GPUs (or NCCL), data parallelism and the GPU loader say why they cannot run.
     if !tch::Cuda::is_available() {
-        let e = convnets(&["train", "--arch", "resnet18", "--gpus", "2", "--loader", "synthetic", "-o", o]).unwrap_err();
-        assert!(message(&e).contains("--gpus 2: 0 GPU(s) visible"), "{}", message(&e));
-        let e = convnets(&["train", "--arch", "resnet18", "--loader", "gpu", "--data", o, "-o", o]).unwrap_err();
+        let e = convnets(&[
+            "train",
+            "--arch",
+            "resnet18",
+            "--gpus",
+            "2",
+            "--loader",
+            "synthetic",
+            "-o",
+            o,
+        ])
+        .unwrap_err();
+        assert!(
+            message(&e).contains("--gpus 2: 0 GPU(s) visible"),
+            "{}",
+            message(&e)
+        );
+        let e = convnets(&[
+            "train", "--arch", "resnet18", "--loader", "gpu", "--data", o, "-o", o,
+        ])
+        .unwrap_err();
         assert!(message(&e).contains("GPU"), "{}", message(&e));
     }
     assert!(!out.exists(), "refused runs write nothing");
@@ -173,20 +336,36 @@ fn zero_init_residual_is_a_flag() -> Result<()> {
     // The last BN of each residual branch (bn2 in resnet18's blocks): gamma 0 by default,
     // 1 (torchvision's init) with --zero-init-residual false; recorded in args.json.
     for (flag, gamma) in [(None, 0.0), (Some("false"), 1.0)] {
-        let run = tmp.path().join(format!("run-{}", flag.unwrap_or("default")));
+        let run = tmp
+            .path()
+            .join(format!("run-{}", flag.unwrap_or("default")));
         let mut extra = vec!["--max-steps", "0", "--eval-every", "0"];
         if let Some(v) = flag {
             extra.extend(["--zero-init-residual", v]);
         }
-        convnets(&train_args(packed.to_str().unwrap(), run.to_str().unwrap(), &extra))?;
-        let args: serde_json::Value = serde_json::from_slice(&std::fs::read(run.join("args.json"))?)?;
+        convnets(&train_args(
+            packed.to_str().unwrap(),
+            run.to_str().unwrap(),
+            &extra,
+        ))?;
+        let args: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(run.join("args.json"))?)?;
         assert_eq!(args["zero_init_residual"], flag.is_none());
-        let ckpt = std::fs::read_dir(run.join("checkpoints"))?.next().context("a checkpoint")??.path();
+        let ckpt = std::fs::read_dir(run.join("checkpoints"))?
+            .next()
+            .context("a checkpoint")??
+            .path();
         let weights: std::collections::HashMap<String, tch::Tensor> =
-            tch::Tensor::read_safetensors(ckpt.join("model.safetensors"))?.into_iter().collect();
+            tch::Tensor::read_safetensors(ckpt.join("model.safetensors"))?
+                .into_iter()
+                .collect();
         for name in ["layer1.0.bn2.weight", "layer4.1.bn2.weight"] {
             let w = weights.get(name).context(name)?;
-            assert_eq!((w.min().double_value(&[]), w.max().double_value(&[])), (gamma, gamma), "{name}");
+            assert_eq!(
+                (w.min().double_value(&[]), w.max().double_value(&[])),
+                (gamma, gamma),
+                "{name}"
+            );
         }
         assert_eq!(weights["layer1.0.bn1.weight"].min().double_value(&[]), 1.0);
     }

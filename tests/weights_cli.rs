@@ -62,17 +62,33 @@ fn torchvision_weights_round_trip_through_a_checkpoint() -> Result<()> {
     let arch = Path::new("resnet18");
     py(SAVE, &[&original, arch])?;
     let ckpt = tmp.path().join("ckpt");
-    convnets(&["import-weights", original.to_str().unwrap(), "--arch", "resnet18", "-o", ckpt.to_str().unwrap()])?;
-    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(ckpt.join("checkpoint.json"))?)?;
+    convnets(&[
+        "import-weights",
+        original.to_str().unwrap(),
+        "--arch",
+        "resnet18",
+        "-o",
+        ckpt.to_str().unwrap(),
+    ])?;
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ckpt.join("checkpoint.json"))?)?;
     assert_eq!(meta["arch"], "resnet18");
     assert_eq!(meta["num_classes"], 10);
 
     let exported = tmp.path().join("exported.safetensors");
-    convnets(&["export-weights", ckpt.to_str().unwrap(), "-o", exported.to_str().unwrap()])?;
+    convnets(&[
+        "export-weights",
+        ckpt.to_str().unwrap(),
+        "-o",
+        exported.to_str().unwrap(),
+    ])?;
     let n: usize = py(CHECK, &[&original, &exported])?.trim().parse()?;
     assert_eq!(n, 122, "resnet18 state_dict entries");
     // Same names, order, dtypes and raw bytes as safetensors.torch wrote them.
-    assert!(std::fs::read(&original)? == std::fs::read(&exported)?, "exported file differs from the imported one");
+    assert!(
+        std::fs::read(&original)? == std::fs::read(&exported)?,
+        "exported file differs from the imported one"
+    );
     Ok(())
 }
 
@@ -82,19 +98,51 @@ fn weights_of_another_architecture_are_refused_by_name() -> Result<()> {
     let original = tmp.path().join("resnet34.safetensors");
     py(SAVE, &[&original, Path::new("resnet34")])?;
     let ckpt = tmp.path().join("ckpt");
-    let err = convnets(&["import-weights", original.to_str().unwrap(), "--arch", "resnet18", "-o", ckpt.to_str().unwrap()])
-        .unwrap_err();
+    let err = convnets(&[
+        "import-weights",
+        original.to_str().unwrap(),
+        "--arch",
+        "resnet18",
+        "-o",
+        ckpt.to_str().unwrap(),
+    ])
+    .unwrap_err();
     let msg = message(&err);
-    assert!(msg.contains("resnet34.safetensors") && msg.contains("layer1.2"), "{msg}");
+    assert!(
+        msg.contains("resnet34.safetensors") && msg.contains("layer1.2"),
+        "{msg}"
+    );
     assert!(!ckpt.join("checkpoint.json").exists());
 
     let junk = tmp.path().join("junk.safetensors");
     std::fs::write(&junk, b"not safetensors at all")?;
-    let err = convnets(&["import-weights", junk.to_str().unwrap(), "--arch", "resnet18", "-o", ckpt.to_str().unwrap()])
-        .unwrap_err();
-    assert!(message(&err).contains("junk.safetensors"), "{}", message(&err));
-    let err = convnets(&["import-weights", junk.to_str().unwrap(), "--arch", "resnet7", "-o", ckpt.to_str().unwrap()])
-        .unwrap_err();
-    assert!(message(&err).contains("resnet50"), "known archs are listed: {}", message(&err));
+    let err = convnets(&[
+        "import-weights",
+        junk.to_str().unwrap(),
+        "--arch",
+        "resnet18",
+        "-o",
+        ckpt.to_str().unwrap(),
+    ])
+    .unwrap_err();
+    assert!(
+        message(&err).contains("junk.safetensors"),
+        "{}",
+        message(&err)
+    );
+    let err = convnets(&[
+        "import-weights",
+        junk.to_str().unwrap(),
+        "--arch",
+        "resnet7",
+        "-o",
+        ckpt.to_str().unwrap(),
+    ])
+    .unwrap_err();
+    assert!(
+        message(&err).contains("resnet50"),
+        "known archs are listed: {}",
+        message(&err)
+    );
     Ok(())
 }

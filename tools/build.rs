@@ -11,7 +11,9 @@ fn main() {
     link_libtorch::link();
     println!("cargo:rerun-if-changed=csrc");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
-    let Ok(libtorch) = std::env::var("LIBTORCH") else { return };
+    let Ok(libtorch) = std::env::var("LIBTORCH") else {
+        return;
+    };
     let libtorch = PathBuf::from(libtorch);
     let cuda = std::env::var_os("CARGO_FEATURE_CUDA").is_some();
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());

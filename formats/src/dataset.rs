@@ -51,7 +51,12 @@ impl Dataset {
             path: self.dir.clone(),
             reason: format!(
                 "no split '{name}' (the dataset has: {})",
-                self.manifest.splits.keys().cloned().collect::<Vec<_>>().join(", ")
+                self.manifest
+                    .splits
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         })?;
         let num_classes = self.manifest.classes.len() as u32;
@@ -81,7 +86,10 @@ impl Dataset {
                 return Err(Error::CorruptRecord {
                     path,
                     index: i as u64,
-                    reason: format!("label {} but the dataset has {num_classes} classes", e.label),
+                    reason: format!(
+                        "label {} but the dataset has {num_classes} classes",
+                        e.label
+                    ),
                 });
             }
             table.extend((0..reader.len() as u32).map(|i| (s as u32, i)));
@@ -120,7 +128,6 @@ impl SplitReader {
         })?;
         Ok((&self.shards[s as usize], local as usize))
     }
-
 }
 
 impl RecordSource for SplitReader {

@@ -121,7 +121,8 @@ impl Manifest {
                 )));
             }
             for s in &split.shards {
-                check_plain_name(&s.file).map_err(|r| bad(format!("shard path '{}' {r}", s.file)))?;
+                check_plain_name(&s.file)
+                    .map_err(|r| bad(format!("shard path '{}' {r}", s.file)))?;
                 if !files.insert(s.file.as_str()) {
                     return Err(bad(format!("shard '{}' is listed twice", s.file)));
                 }
@@ -196,7 +197,10 @@ mod tests {
             let mut m = sample();
             m.splits.get_mut("train").unwrap().shards[0].file = evil.into();
             let e = m.validate(Path::new("m.json")).unwrap_err();
-            assert!(e.to_string().contains("outside the dataset folder"), "{evil}: {e}");
+            assert!(
+                e.to_string().contains("outside the dataset folder"),
+                "{evil}: {e}"
+            );
         }
     }
 

@@ -180,7 +180,9 @@ fn pack_in_pool(
     progress: &dyn PackProgress,
 ) -> Result<PackReport> {
     let (classes, mut splits) = match source {
-        PackSource::ImageFolder { root, val_labels } => scan_image_folder(root, val_labels.as_deref())?,
+        PackSource::ImageFolder { root, val_labels } => {
+            scan_image_folder(root, val_labels.as_deref())?
+        }
         PackSource::TfRecords { dir, label_offset } => scan_tfrecords(dir, *label_offset)?,
     };
     for split in &mut splits {
@@ -196,10 +198,7 @@ fn pack_in_pool(
     }
     std::fs::create_dir_all(out.join(STATE_DIR)).at(out)?;
 
-    let plans: Vec<Vec<Vec<Item>>> = splits
-        .iter()
-        .map(|s| plan_shards(s, opts))
-        .collect();
+    let plans: Vec<Vec<Vec<Item>>> = splits.iter().map(|s| plan_shards(s, opts)).collect();
     check_plan(out, source, opts, &classes, &splits, &plans)?;
 
     let mut manifest = Manifest::new(classes);
@@ -319,9 +318,10 @@ fn check_plan(
                 .into(),
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if std::fs::read_dir(out).at(out)?.any(|e| {
-                e.map(|e| e.file_name() != STATE_DIR).unwrap_or(true)
-            }) {
+            if std::fs::read_dir(out)
+                .at(out)?
+                .any(|e| e.map(|e| e.file_name() != STATE_DIR).unwrap_or(true))
+            {
                 return Err(Error::Input {
                     path: out.to_path_buf(),
                     reason: "output folder is not empty and was not made by pack-imagenet".into(),
@@ -516,7 +516,9 @@ fn write_shard(out: &Path, split: &str, name: &str, results: Vec<Processed>) -> 
     };
     for (item, outcome) in results {
         // hard_error() has already stopped the pack on Err.
-        let Ok((input, outcome)) = outcome else { continue };
+        let Ok((input, outcome)) = outcome else {
+            continue;
+        };
         if let Some((action, reason)) = describe(&outcome) {
             done.files.push(FileReport {
                 split: split.to_string(),
@@ -530,7 +532,12 @@ fn write_shard(out: &Path, split: &str, name: &str, results: Vec<Processed>) -> 
                 writer.append(&input, item.label, width, height)?;
                 done.kept += 1;
             }
-            Outcome::Reencoded { data, width, height, .. } => {
+            Outcome::Reencoded {
+                data,
+                width,
+                height,
+                ..
+            } => {
                 writer.append(&data, item.label, width, height)?;
                 done.reencoded += 1;
             }
@@ -583,8 +590,9 @@ fn scan_image_folder(
     if !train_dir.is_dir() && val_dir.is_none() {
         return Err(Error::Input {
             path: root.to_path_buf(),
-            reason: "neither train/ nor val/ found (expected the ImageNet layout train/<wnid>/*.JPEG)"
-                .into(),
+            reason:
+                "neither train/ nor val/ found (expected the ImageNet layout train/<wnid>/*.JPEG)"
+                    .into(),
         });
     }
     let val_labels = match (&val_dir, val_labels) {
@@ -757,7 +765,9 @@ fn scan_flat_val(
             Some((w, None)) => {
                 return Err(Error::Input {
                     path,
-                    reason: format!("labels file gives class '{w}', which is not a class of train/"),
+                    reason: format!(
+                        "labels file gives class '{w}', which is not a class of train/"
+                    ),
                 })
             }
             None => refused.push(FileReport {
@@ -841,7 +851,10 @@ fn scan_tfrecords(dir: &Path, label_offset: i64) -> Result<(Vec<ClassInfo>, Vec<
             let meta = source.meta(i)?;
             let (file, index) = source.locate(i)?;
             items.push(Item {
-                name: format!("{}#{index}", file.file_name().unwrap_or_default().to_string_lossy()),
+                name: format!(
+                    "{}#{index}",
+                    file.file_name().unwrap_or_default().to_string_lossy()
+                ),
                 label: meta.label,
                 origin: Origin::TfRecord(i),
                 size: u64::from(meta.len),
@@ -868,12 +881,16 @@ fn scan_tfrecords(dir: &Path, label_offset: i64) -> Result<(Vec<ClassInfo>, Vec<
         .unwrap_or(0);
     let mut classes: Vec<Option<ClassInfo>> = vec![None; max_label as usize + 1];
     for split in &splits {
-        let Some(source) = &split.tfrecords else { continue };
+        let Some(source) = &split.tfrecords else {
+            continue;
+        };
         for (i, item) in split.items.iter().enumerate() {
             let slot = &mut classes[item.label as usize];
             if slot.is_none() {
                 let ex = source.example(i)?.example;
-                let wnid = ex.synset.unwrap_or_else(|| format!("class{:04}", item.label));
+                let wnid = ex
+                    .synset
+                    .unwrap_or_else(|| format!("class{:04}", item.label));
                 let name = ex.text.unwrap_or_else(|| wnid.clone());
                 *slot = Some(ClassInfo { wnid, name });
             }

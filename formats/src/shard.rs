@@ -38,7 +38,14 @@ pub struct IndexEntry {
 impl IndexEntry {
     fn encode(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.offset.to_le_bytes());
-        for v in [self.len, self.label, self.width, self.height, self.crc32c, 0] {
+        for v in [
+            self.len,
+            self.label,
+            self.width,
+            self.height,
+            self.crc32c,
+            0,
+        ] {
             out.extend_from_slice(&v.to_le_bytes());
         }
     }
@@ -415,7 +422,8 @@ mod tests {
         let path = dir.join("s.cnr");
         let mut w = ShardWriter::create(&path).unwrap();
         for (i, (data, label)) in records.iter().enumerate() {
-            w.append(data, *label, 10 + i as u32, 20 + i as u32).unwrap();
+            w.append(data, *label, 10 + i as u32, 20 + i as u32)
+                .unwrap();
         }
         let summary = w.finish().unwrap();
         (path, summary)
@@ -481,7 +489,10 @@ mod tests {
         let mut b = good.clone();
         b[8] = 2;
         let e = open(b).unwrap_err();
-        assert!(matches!(e, Error::UnsupportedVersion { found: 2, .. }), "{e}");
+        assert!(
+            matches!(e, Error::UnsupportedVersion { found: 2, .. }),
+            "{e}"
+        );
 
         for cut in [good.len() - 1, good.len() - 40, 20, 16] {
             let e = open(good[..cut].to_vec()).unwrap_err();

@@ -104,11 +104,19 @@ fn verify_shard(
     };
     report.bytes = reader.file_len();
     if reader.file_len() != info.bytes {
-        let reason = format!("file is {} bytes, manifest says {}", reader.file_len(), info.bytes);
+        let reason = format!(
+            "file is {} bytes, manifest says {}",
+            reader.file_len(),
+            info.bytes
+        );
         report.damage.push(damage(None, reason));
     }
     if reader.len() as u64 != info.records {
-        let reason = format!("holds {} records, manifest says {}", reader.len(), info.records);
+        let reason = format!(
+            "holds {} records, manifest says {}",
+            reader.len(),
+            info.records
+        );
         report.damage.push(damage(None, reason));
     }
     let crc = reader.file_crc32c();
@@ -134,7 +142,8 @@ fn verify_shard(
             }
             if opts.decode {
                 match sanitize(&rec.data, &decode_opts) {
-                    Outcome::Kept { width, height } if (width, height) == (rec.width, rec.height) => {}
+                    Outcome::Kept { width, height }
+                        if (width, height) == (rec.width, rec.height) => {}
                     Outcome::Kept { width, height } => {
                         return Err(Error::Invalid(format!(
                             "image is {width}x{height}, index says {}x{}",
@@ -142,7 +151,9 @@ fn verify_shard(
                         )))
                     }
                     Outcome::Reencoded { reason, .. } | Outcome::SkippedAwkward { reason } => {
-                        return Err(Error::Invalid(format!("not a clean baseline JPEG: {reason}")))
+                        return Err(Error::Invalid(format!(
+                            "not a clean baseline JPEG: {reason}"
+                        )))
                     }
                     Outcome::Rejected(problem) => return Err(Error::Invalid(problem.to_string())),
                 }

@@ -35,11 +35,15 @@ mod imp {
     use super::*;
 
     pub fn gpus() -> Result<Vec<GpuInfo>> {
-        Err(Error::BuiltWithoutCuda { what: "the GPU path" })
+        Err(Error::BuiltWithoutCuda {
+            what: "the GPU path",
+        })
     }
 
     pub fn memory_in_use(_index: usize) -> Result<u64> {
-        Err(Error::BuiltWithoutCuda { what: "the GPU path" })
+        Err(Error::BuiltWithoutCuda {
+            what: "the GPU path",
+        })
     }
 }
 
@@ -56,7 +60,9 @@ mod imp {
         // cudarc loads libcuda at run time; on a machine without a driver this panics
         // inside cudarc, so look for the library first and say so plainly.
         if !driver_present() {
-            return Err(Error::Cuda("no CUDA driver (libcuda.so.1 not found)".into()));
+            return Err(Error::Cuda(
+                "no CUDA driver (libcuda.so.1 not found)".into(),
+            ));
         }
         let count = CudaContext::device_count().map_err(cuda)?;
         let mut out = Vec::with_capacity(count as usize);
@@ -75,7 +81,9 @@ mod imp {
 
     pub fn memory_in_use(index: usize) -> Result<u64> {
         if !driver_present() {
-            return Err(Error::Cuda("no CUDA driver (libcuda.so.1 not found)".into()));
+            return Err(Error::Cuda(
+                "no CUDA driver (libcuda.so.1 not found)".into(),
+            ));
         }
         let ctx = CudaContext::new(index).map_err(cuda)?;
         let (free, total) = ctx.mem_get_info().map_err(cuda)?;

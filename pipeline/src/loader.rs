@@ -216,7 +216,11 @@ impl SkippedRecord {
 }
 
 /// `e` about record `index` of `source`, naming its file and position when known.
-pub(crate) fn record_error(source: &dyn RecordSource, index: usize, e: impl std::fmt::Display) -> Error {
+pub(crate) fn record_error(
+    source: &dyn RecordSource,
+    index: usize,
+    e: impl std::fmt::Display,
+) -> Error {
     match source.locate(index) {
         Ok((path, record)) => Error::Record {
             path,
@@ -399,7 +403,10 @@ impl Batch {
 
     /// Samples that count for metrics: neither padding nor replaced.
     pub fn valid(&self) -> impl Iterator<Item = bool> + '_ {
-        self.samples.iter().zip(&self.skipped).map(|(s, &k)| !s.padding && !k)
+        self.samples
+            .iter()
+            .zip(&self.skipped)
+            .map(|(s, &k)| !s.padding && !k)
     }
 }
 
@@ -430,14 +437,22 @@ enum Inner {
 impl Loader {
     /// Starts the loader's threads, positioned at `state`. `cfg.backend` picks the CPU or
     /// the GPU path.
-    pub fn new(source: Arc<dyn RecordSource>, cfg: LoaderConfig, state: LoaderState) -> Result<Self> {
+    pub fn new(
+        source: Arc<dyn RecordSource>,
+        cfg: LoaderConfig,
+        state: LoaderState,
+    ) -> Result<Self> {
         check_threads(cfg.threads)?;
         let inner = match cfg.backend {
             Backend::Cpu => Inner::Cpu(CpuLoader::new(source, cfg, state)?),
             #[cfg(feature = "cuda")]
             Backend::Gpu(gpu) => Inner::Gpu(crate::gpu::GpuLoader::new(source, cfg, gpu, state)?),
             #[cfg(not(feature = "cuda"))]
-            Backend::Gpu(_) => return Err(Error::BuiltWithoutCuda { what: "the GPU loader" }),
+            Backend::Gpu(_) => {
+                return Err(Error::BuiltWithoutCuda {
+                    what: "the GPU loader",
+                })
+            }
         };
         Ok(Self { inner })
     }
@@ -566,7 +581,14 @@ pub(crate) struct InOrder<T> {
 
 impl<T: Sequenced> InOrder<T> {
     pub fn new(ready: Receiver<T>, position: Position, stopped: &'static str) -> Self {
-        Self { ready, reorder: BTreeMap::new(), next_seq: 0, pending: None, position, stopped }
+        Self {
+            ready,
+            reorder: BTreeMap::new(),
+            next_seq: 0,
+            pending: None,
+            position,
+            stopped,
+        }
     }
 
     /// The next batch of the epoch being delivered; `None` at the epoch's end.
@@ -588,15 +610,19 @@ impl<T: Sequenced> InOrder<T> {
 
     fn next_in_order(&mut self, counters: &Counters) -> Result<T> {
         let start = Instant::now();
-        counters
-            .ready_sum
-            .fetch_add((self.ready.len() + self.reorder.len()) as u64, Ordering::Relaxed);
+        counters.ready_sum.fetch_add(
+            (self.ready.len() + self.reorder.len()) as u64,
+            Ordering::Relaxed,
+        );
         counters.ready_n.fetch_add(1, Ordering::Relaxed);
         let batch = loop {
             if let Some(b) = self.reorder.remove(&self.next_seq) {
                 break b;
             }
-            let b = self.ready.recv().map_err(|_| Error::Config(self.stopped.into()))?;
+            let b = self
+                .ready
+                .recv()
+                .map_err(|_| Error::Config(self.stopped.into()))?;
             self.reorder.insert(b.seq(), b);
         };
         self.next_seq += 1;
@@ -674,7 +700,11 @@ impl CpuLoader {
         let (free_tx, free_rx) = bounded::<Arc<Slot>>(slots);
         for _ in 0..slots {
             free_tx
-                .send(Arc::new(new_slot(cfg.sampler.batch_size, &cfg.output, cfg.pin_memory)?))
+                .send(Arc::new(new_slot(
+                    cfg.sampler.batch_size,
+                    &cfg.output,
+                    cfg.pin_memory,
+                )?))
                 .map_err(|_| Error::Config("slot pool closed".into()))?;
         }
         let (ready_tx, ready_rx) = bounded::<Arc<Slot>>(slots);
@@ -706,7 +736,11 @@ impl CpuLoader {
             threads.push(handle);
         }
         Ok(Self {
-            batches: InOrder::new(ready_rx, Position::new(state, batches_per_epoch), "loader threads stopped"),
+            batches: InOrder::new(
+                ready_rx,
+                Position::new(state, batches_per_epoch),
+                "loader threads stopped",
+            ),
             free: free_tx,
             stop: Some(stop_tx),
             threads,
@@ -755,7 +789,6 @@ impl CpuLoader {
         self.counters.samples.fetch_add(n as u64, Ordering::Relaxed);
         Ok(batch)
     }
-
 }
 
 impl Sequenced for Arc<Slot> {
@@ -924,7 +957,9 @@ impl WorkerContext {
             (record.width, record.height)
         } else {
             // TFRecords without image/width, image/height: read the JPEG header.
-            s.decoder.header(&record.data).map_err(|e| self.record_error(index, e))?
+            s.decoder
+                .header(&record.data)
+                .map_err(|e| self.record_error(index, e))?
         };
         let crop = self.plan(width, height, task.epoch, task.sample.index);
         let out = &self.cfg.output;
@@ -954,23 +989,38 @@ impl WorkerContext {
             )
         };
         s.augmenter
-            .crop_resize_into(&s.image.data, s.image.width, s.image.height, &window, out, sample)
+            .crop_resize_into(
+                &s.image.data,
+                s.image.width,
+                s.image.height,
+                &window,
+                out,
+                sample,
+            )
             .map_err(|e| self.record_error(index, e))?;
         // SAFETY: as above, label `pos` belongs to this task.
         unsafe { *(slot.labels_ptr as *mut i64).add(task.pos) = i64::from(record.label) };
         let t3 = Instant::now();
         let c = &self.counters;
-        c.read_ns.fetch_add((t1 - t0).as_nanos() as u64, Ordering::Relaxed);
-        c.decode_ns.fetch_add((t2 - t1).as_nanos() as u64, Ordering::Relaxed);
+        c.read_ns
+            .fetch_add((t1 - t0).as_nanos() as u64, Ordering::Relaxed);
+        c.decode_ns
+            .fetch_add((t2 - t1).as_nanos() as u64, Ordering::Relaxed);
         c.decoded_cpu.fetch_add(1, Ordering::Relaxed);
-        c.augment_ns.fetch_add((t3 - t2).as_nanos() as u64, Ordering::Relaxed);
-        c.bytes_read.fetch_add(record.data.len() as u64, Ordering::Relaxed);
+        c.augment_ns
+            .fetch_add((t3 - t2).as_nanos() as u64, Ordering::Relaxed);
+        c.bytes_read
+            .fetch_add(record.data.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 
     fn plan(&self, width: u32, height: u32, epoch: u64, index: u32) -> CropWindow {
         match &self.cfg.transform {
-            Transform::Train(rrc) => rrc.plan(width, height, sample_seed(self.cfg.sampler.seed, epoch, index)),
+            Transform::Train(rrc) => rrc.plan(
+                width,
+                height,
+                sample_seed(self.cfg.sampler.seed, epoch, index),
+            ),
             Transform::Eval(cc) => cc.plan(width, height),
         }
     }
@@ -981,7 +1031,9 @@ impl WorkerContext {
 
     /// Records the outcome of a sample; the last sample of a batch passes the slot on.
     fn finish(&self, task: Task, result: Result<()>) {
-        let Task { slot, pos, epoch, .. } = task;
+        let Task {
+            slot, pos, epoch, ..
+        } = task;
         if let Err(e) = result {
             let mut job = lock(&slot.job);
             match self.cfg.on_bad_record {

@@ -81,11 +81,19 @@ impl RandomResizedCrop {
         let (w, h) = if in_ratio < self.ratio.0 {
             (width, ((wf / self.ratio.0).round_ties_even() as u32).max(1))
         } else if in_ratio > self.ratio.1 {
-            (((hf * self.ratio.1).round_ties_even() as u32).max(1), height)
+            (
+                ((hf * self.ratio.1).round_ties_even() as u32).max(1),
+                height,
+            )
         } else {
             (width, height)
         };
-        ((width - w.min(width)) / 2, (height - h.min(height)) / 2, w.min(width), h.min(height))
+        (
+            (width - w.min(width)) / 2,
+            (height - h.min(height)) / 2,
+            w.min(width),
+            h.min(height),
+        )
     }
 }
 
@@ -129,9 +137,15 @@ impl CenterCrop {
         let (wf, hf) = (f64::from(width), f64::from(height));
         // torchvision: the shorter side becomes `resize`, the longer is truncated.
         let (rw, rh) = if width <= height {
-            (f64::from(self.resize), (f64::from(self.resize) * hf / wf).floor())
+            (
+                f64::from(self.resize),
+                (f64::from(self.resize) * hf / wf).floor(),
+            )
         } else {
-            ((f64::from(self.resize) * wf / hf).floor(), f64::from(self.resize))
+            (
+                (f64::from(self.resize) * wf / hf).floor(),
+                f64::from(self.resize),
+            )
         };
         let (sx, sy) = (wf / rw, hf / rh);
         let c = f64::from(self.crop);
@@ -208,7 +222,13 @@ mod tests {
 
     #[test]
     fn dct_scale_never_goes_below_the_output() {
-        let crop = |w, h| CropWindow { x: 0.0, y: 0.0, width: w, height: h, flip: false };
+        let crop = |w, h| CropWindow {
+            x: 0.0,
+            y: 0.0,
+            width: w,
+            height: h,
+            flip: false,
+        };
         assert_eq!(dct_scale_denominator(&crop(2000.0, 1800.0), 224, 224), 8);
         assert_eq!(dct_scale_denominator(&crop(500.0, 460.0), 224, 224), 2);
         assert_eq!(dct_scale_denominator(&crop(300.0, 300.0), 224, 224), 1);

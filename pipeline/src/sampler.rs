@@ -123,7 +123,11 @@ impl Sampler {
     /// Every batch from batch `first_batch` of `epoch` on, epoch after epoch without end,
     /// numbered from 0 in the order a loader delivers them. Each epoch's batches are made
     /// when the stream reaches it.
-    pub fn batches_from(&self, epoch: u64, first_batch: usize) -> impl Iterator<Item = PlannedBatch> + '_ {
+    pub fn batches_from(
+        &self,
+        epoch: u64,
+        first_batch: usize,
+    ) -> impl Iterator<Item = PlannedBatch> + '_ {
         (epoch..)
             .flat_map(move |e| {
                 let first = if e == epoch { first_batch } else { 0 };
@@ -251,8 +255,14 @@ mod tests {
             let counts: Vec<usize> = (0..world)
                 .map(|r| sampler(103, r, world, true, last).epoch_batches(5, 0).len())
                 .collect();
-            assert!(counts.iter().all(|&c| c == counts[0]), "{last:?}: {counts:?}");
-            assert_eq!(counts[0], sampler(103, 0, world, true, last).batches_per_epoch());
+            assert!(
+                counts.iter().all(|&c| c == counts[0]),
+                "{last:?}: {counts:?}"
+            );
+            assert_eq!(
+                counts[0],
+                sampler(103, 0, world, true, last).batches_per_epoch()
+            );
         }
         let seen: HashSet<u32> = (0..3)
             .flat_map(|r| sampler(103, r, 3, true, LastBatch::Partial).rank_samples(5))
@@ -293,11 +303,18 @@ mod tests {
     fn the_stream_goes_on_into_the_next_epochs_numbered_in_order() {
         let s = sampler(50, 1, 2, true, LastBatch::Drop);
         let (e3, e4) = (s.epoch_batches(3, 2), s.epoch_batches(4, 0));
-        let stream: Vec<PlannedBatch> = s.batches_from(3, 2).take(e3.len() + e4.len() + 1).collect();
-        let expected = e3.iter().enumerate().map(|(k, b)| (3, k + 2, b))
+        let stream: Vec<PlannedBatch> =
+            s.batches_from(3, 2).take(e3.len() + e4.len() + 1).collect();
+        let expected = e3
+            .iter()
+            .enumerate()
+            .map(|(k, b)| (3, k + 2, b))
             .chain(e4.iter().enumerate().map(|(k, b)| (4, k, b)));
         for (seq, (got, (epoch, index, samples))) in stream.iter().zip(expected).enumerate() {
-            assert_eq!((got.seq, got.epoch, got.index, &got.samples), (seq as u64, epoch, index, samples));
+            assert_eq!(
+                (got.seq, got.epoch, got.index, &got.samples),
+                (seq as u64, epoch, index, samples)
+            );
         }
         assert_eq!(stream.last().map(|b| (b.epoch, b.index)), Some((5, 0)));
     }

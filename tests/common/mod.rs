@@ -613,14 +613,24 @@ pub fn one_shard_split(
     }
     let s = w.finish()?;
     let mut m = Manifest::new(
-        (0..classes).map(|i| ClassInfo { wnid: format!("n{i}"), name: format!("c{i}") }).collect(),
+        (0..classes)
+            .map(|i| ClassInfo {
+                wnid: format!("n{i}"),
+                name: format!("c{i}"),
+            })
+            .collect(),
     );
     let n = records.len() as u64;
     m.splits.insert(
         "train".into(),
         SplitInfo {
             records: n,
-            shards: vec![ShardInfo { file: "s-0.cnr".into(), records: n, bytes: s.bytes, crc32c: s.crc32c }],
+            shards: vec![ShardInfo {
+                file: "s-0.cnr".into(),
+                records: n,
+                bytes: s.bytes,
+                crc32c: s.crc32c,
+            }],
         },
     );
     m.save(dir)?;

@@ -116,13 +116,20 @@ fn loader(a: LoaderBenchArgs) -> anyhow::Result<()> {
         convnets_pipeline::device::gpus()?;
     }
     // Before the split is opened: pages under a live mapping are not evicted.
-    let evicted = a.drop_cache.then(|| page_cache::evict_split(&a.data, &a.split)).transpose()?;
+    let evicted = a
+        .drop_cache
+        .then(|| page_cache::evict_split(&a.data, &a.split))
+        .transpose()?;
     let split = open_split(&a.data, &a.split, a.label_offset)?;
     let records = split.len();
     // What opening read back in (index pages; a TFRecord folder is read through to index it).
     let drop_cache = evicted.map(|(files, e)| (page_cache::resident_bytes(&files), e));
     let cfg = LoaderConfig {
-        backend: if gpu { Backend::Gpu(a.gpu.options(0)) } else { Backend::Cpu },
+        backend: if gpu {
+            Backend::Gpu(a.gpu.options(0))
+        } else {
+            Backend::Cpu
+        },
         sampler: SamplerConfig {
             seed: 0,
             shuffle: !a.eval,
@@ -267,9 +274,17 @@ fn loader(a: LoaderBenchArgs) -> anyhow::Result<()> {
         println!(
             "loader {}  {} threads  batch {}  {}x{} {:?} {:?}",
             if gpu { "gpu" } else { "cpu" },
-            stats.threads, a.batch_size, a.image_size, a.image_size, a.dtype, a.layout
+            stats.threads,
+            a.batch_size,
+            a.image_size,
+            a.image_size,
+            a.dtype,
+            a.layout
         );
-        println!("  {:>10.0} images/s   {:>8.1} MB/s encoded   {} images in {:.1} s", img_s, mb_s, measured_images, wall);
+        println!(
+            "  {:>10.0} images/s   {:>8.1} MB/s encoded   {} images in {:.1} s",
+            img_s, mb_s, measured_images, wall
+        );
         println!(
             "  thread-s: read {:.2}  decode {:.2}  augment {:.2}   consumer waited {:.2} s   ready queue {:.1}",
             d(stats.read_s, base.read_s),
@@ -284,7 +299,10 @@ fn loader(a: LoaderBenchArgs) -> anyhow::Result<()> {
             stats.decoded_cpu - base.decoded_cpu
         );
         if gpu {
-            println!("  GPU memory: loader buffers {:.0} MiB", stats.gpu_buffer_bytes as f64 / 1048576.0);
+            println!(
+                "  GPU memory: loader buffers {:.0} MiB",
+                stats.gpu_buffer_bytes as f64 / 1048576.0
+            );
         }
         if let Some((at_start, e)) = &drop_cache {
             println!("  {}", page_cache::describe(e, *at_start));

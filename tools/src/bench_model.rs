@@ -65,21 +65,57 @@ struct Trainee {
 }
 
 impl Trainee {
-    fn new(arch: Arch, classes: i64, device: Device, amp: bool, cuda_graphs: bool) -> anyhow::Result<Self> {
+    fn new(
+        arch: Arch,
+        classes: i64,
+        device: Device,
+        amp: bool,
+        cuda_graphs: bool,
+    ) -> anyhow::Result<Self> {
         let vs = VarStore::new(device);
-        let memory_format = if device.is_cuda() { MemoryFormat::ChannelsLast } else { MemoryFormat::Contiguous };
-        let model = arch.build(&vs.root(), classes, &ModelConfig { memory_format, ..ModelConfig::default() })?;
+        let memory_format = if device.is_cuda() {
+            MemoryFormat::ChannelsLast
+        } else {
+            MemoryFormat::Contiguous
+        };
+        let model = arch.build(
+            &vs.root(),
+            classes,
+            &ModelConfig {
+                memory_format,
+                ..ModelConfig::default()
+            },
+        )?;
         if device.is_cuda() {
             tch::Cuda::cudnn_set_benchmark(true);
         }
         let sgd = Sgd::new(&vs, 0.875, 3.0517578125e-05, false)?;
-        let opts = StepOptions { amp, label_smoothing: 0.1, train_bn: true, cuda_graphs, allreduce_kind: Kind::Float };
+        let opts = StepOptions {
+            amp,
+            label_smoothing: 0.1,
+            train_bn: true,
+            cuda_graphs,
+            allreduce_kind: Kind::Float,
+        };
         let step = TrainStep::new(sgd, &LossScaler::new(amp), opts, device)?;
-        Ok(Self { _vs: vs, model, step })
+        Ok(Self {
+            _vs: vs,
+            model,
+            step,
+        })
     }
 
     fn step(&mut self, images: &Tensor, labels: &Tensor) -> anyhow::Result<()> {
-        self.step.run(&self.model, StepInput { images, labels, mixed_with: None }, 0.01, None)
+        self.step.run(
+            &self.model,
+            StepInput {
+                images,
+                labels,
+                mixed_with: None,
+            },
+            0.01,
+            None,
+        )
     }
 
     /// Waits for the queued steps; the mean loss since the last call.
@@ -112,8 +148,14 @@ pub fn train(a: TrainBenchArgs) -> anyhow::Result<()> {
         "cuda_graphs": trainee.step.graphed(), "cuda_graphs_off_because": trainee.step.graph_note(),
         "seconds": seconds, "images_per_s": images_per_s, "mean_loss": last_loss});
     print(&doc, a.json, || {
-        println!("train {} batch {} {:?}{}: {:.0} images/s", a.arch.name(), a.batch_size, device,
-            if a.amp { " amp" } else { "" }, images_per_s)
+        println!(
+            "train {} batch {} {:?}{}: {:.0} images/s",
+            a.arch.name(),
+            a.batch_size,
+            device,
+            if a.amp { " amp" } else { "" },
+            images_per_s
+        )
     })
 }
 
@@ -156,14 +198,22 @@ pub fn e2e(a: E2eBenchArgs) -> anyhow::Result<()> {
     let source = open_split(&a.data, "train", 1)?;
     let doc = e2e_measure(source, &a)?;
     print(&doc, a.json, || {
-        println!("e2e {} batch {}: {:.0} images/s, waiting for data {:.1} % of the time", a.arch.name(), a.batch_size,
-            doc["images_per_s"].as_f64().unwrap_or(0.0), doc["data_wait_fraction"].as_f64().unwrap_or(0.0) * 100.0);
+        println!(
+            "e2e {} batch {}: {:.0} images/s, waiting for data {:.1} % of the time",
+            a.arch.name(),
+            a.batch_size,
+            doc["images_per_s"].as_f64().unwrap_or(0.0),
+            doc["data_wait_fraction"].as_f64().unwrap_or(0.0) * 100.0
+        );
         println!("{}", doc["verdict"].as_str().unwrap_or_default());
     })
 }
 
 /// The measurement behind `bench e2e`, on any record source (`a.data` is not used).
-pub fn e2e_measure(source: std::sync::Arc<dyn convnets_formats::RecordSource>, a: &E2eBenchArgs) -> anyhow::Result<serde_json::Value> {
+pub fn e2e_measure(
+    source: std::sync::Arc<dyn convnets_formats::RecordSource>,
+    a: &E2eBenchArgs,
+) -> anyhow::Result<serde_json::Value> {
     let device = device_of(a.device)?;
     let gpu = a.loader == LoaderKind::Gpu;
     if gpu && !device.is_cuda() {
@@ -171,14 +221,29 @@ pub fn e2e_measure(source: std::sync::Arc<dyn convnets_formats::RecordSource>, a
         bail!("--loader gpu needs a GPU (--device cuda or auto)");
     }
     let cfg = LoaderConfig {
-        backend: if gpu { Backend::Gpu(a.gpu.options(0)) } else { Backend::Cpu },
-        sampler: SamplerConfig { batch_size: a.batch_size, ..Default::default() },
+        backend: if gpu {
+            Backend::Gpu(a.gpu.options(0))
+        } else {
+            Backend::Cpu
+        },
+        sampler: SamplerConfig {
+            batch_size: a.batch_size,
+            ..Default::default()
+        },
         transform: Transform::Train(RandomResizedCrop::default()),
         output: OutputSpec {
             width: a.image_size,
             height: a.image_size,
-            dtype: if a.amp { OutputDtype::F16 } else { OutputDtype::F32 },
-            layout: if device.is_cuda() { Layout::Nhwc } else { Layout::Nchw },
+            dtype: if a.amp {
+                OutputDtype::F16
+            } else {
+                OutputDtype::F32
+            },
+            layout: if device.is_cuda() {
+                Layout::Nhwc
+            } else {
+                Layout::Nchw
+            },
             normalize: Some(Default::default()),
         },
         threads: a.threads,
@@ -191,42 +256,60 @@ pub fn e2e_measure(source: std::sync::Arc<dyn convnets_formats::RecordSource>, a
     // counted.
     let mut loader = Loader::new(source.clone(), cfg.clone(), LoaderState::default())?;
     let drain = a.warmup_steps + cfg.prefetch + 2;
-    let loader_img_s = timed(drain + a.steps, drain, || Ok(()), || Ok(next(&mut loader)?.len() as u64))?;
+    let loader_img_s = timed(
+        drain + a.steps,
+        drain,
+        || Ok(()),
+        || Ok(next(&mut loader)?.len() as u64),
+    )?;
     drop(loader);
 
     // 2. The model alone on one batch kept on the device; 3. both together. Both through
     // `train`'s step (replayed from a CUDA graph where it can be).
-    let trainee = std::cell::RefCell::new(Trainee::new(a.arch, 1000, device, a.amp, a.cuda_graphs)?);
+    let trainee =
+        std::cell::RefCell::new(Trainee::new(a.arch, 1000, device, a.amp, a.cuda_graphs)?);
     let kind = if a.amp { Kind::Half } else { Kind::Float };
     let mut loader = Loader::new(source, cfg, LoaderState::default())?;
     let sample = next(&mut loader)?;
     let images = sample.images.f_to_device(device)?.f_to_kind(kind)?;
     let labels = sample.labels.f_to_device(device)?;
     drop(sample);
-    let model_img_s = timed(total, a.warmup_steps, || trainee.borrow_mut().finish().map(|_| ()), || {
-        trainee.borrow_mut().step(&images, &labels)?;
-        Ok(a.batch_size as u64)
-    })?;
+    let model_img_s = timed(
+        total,
+        a.warmup_steps,
+        || trainee.borrow_mut().finish().map(|_| ()),
+        || {
+            trainee.borrow_mut().step(&images, &labels)?;
+            Ok(a.batch_size as u64)
+        },
+    )?;
 
     let mut waited = 0.0;
     let mut measuring = false;
     let mut k = 0;
     let mut held = HostBatchRelease::default();
-    let e2e_img_s = timed(total, a.warmup_steps, || trainee.borrow_mut().finish().map(|_| ()), || {
-        measuring = k >= a.warmup_steps;
-        k += 1;
-        let t = Instant::now();
-        let batch = next(&mut loader)?;
-        if measuring {
-            waited += t.elapsed().as_secs_f64();
-        }
-        let images = batch.images.f_to_device_(device, kind, true, false)?;
-        let labels = batch.labels.f_to_device_(device, Kind::Int64, true, false)?;
-        trainee.borrow_mut().step(&images, &labels)?;
-        let n = batch.len() as u64;
-        held.hold(batch, device)?;
-        Ok(n)
-    })?;
+    let e2e_img_s = timed(
+        total,
+        a.warmup_steps,
+        || trainee.borrow_mut().finish().map(|_| ()),
+        || {
+            measuring = k >= a.warmup_steps;
+            k += 1;
+            let t = Instant::now();
+            let batch = next(&mut loader)?;
+            if measuring {
+                waited += t.elapsed().as_secs_f64();
+            }
+            let images = batch.images.f_to_device_(device, kind, true, false)?;
+            let labels = batch
+                .labels
+                .f_to_device_(device, Kind::Int64, true, false)?;
+            trainee.borrow_mut().step(&images, &labels)?;
+            let n = batch.len() as u64;
+            held.hold(batch, device)?;
+            Ok(n)
+        },
+    )?;
     let measured_s = a.steps as f64 * a.batch_size as f64 / e2e_img_s;
     let wait_fraction = waited / measured_s;
     let input_bound = loader_img_s < model_img_s;
@@ -235,11 +318,13 @@ pub fn e2e_measure(source: std::sync::Arc<dyn convnets_formats::RecordSource>, a
     } else {
         format!("compute-bound: the loader delivers {loader_img_s:.0} img/s, the model consumes {model_img_s:.0} img/s; the input pipeline keeps up")
     };
-    Ok(json!({"bench": "e2e", "machine": machine(), "arch": a.arch.name(), "batch_size": a.batch_size,
+    Ok(
+        json!({"bench": "e2e", "machine": machine(), "arch": a.arch.name(), "batch_size": a.batch_size,
         "image_size": a.image_size, "amp": a.amp, "device": format!("{device:?}"), "loader": if gpu { "gpu" } else { "cpu" },
         "loader_threads": a.threads, "steps": a.steps, "cuda_graphs": trainee.borrow().step.graphed(),
         "images_per_s": e2e_img_s, "loader_only_images_per_s": loader_img_s, "model_only_images_per_s": model_img_s,
-        "data_wait_fraction": wait_fraction, "input_bound": input_bound, "verdict": verdict}))
+        "data_wait_fraction": wait_fraction, "input_bound": input_bound, "verdict": verdict}),
+    )
 }
 
 fn next(loader: &mut Loader) -> anyhow::Result<convnets_pipeline::loader::Batch> {
@@ -314,7 +399,13 @@ struct Forward<'a> {
 }
 
 impl<'a> Forward<'a> {
-    fn new(model: &'a ResNet, x: &'a Tensor, amp: bool, graph: bool, warmup: usize) -> anyhow::Result<Self> {
+    fn new(
+        model: &'a ResNet,
+        x: &'a Tensor,
+        amp: bool,
+        graph: bool,
+        warmup: usize,
+    ) -> anyhow::Result<Self> {
         #[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
         let mut f = Self {
             model,
@@ -337,7 +428,9 @@ impl<'a> Forward<'a> {
     }
 
     fn eager(&self) -> anyhow::Result<Tensor> {
-        Ok(tch::autocast(self.amp, || self.model.f_forward_t(self.x, false))?)
+        Ok(tch::autocast(self.amp, || {
+            self.model.f_forward_t(self.x, false)
+        })?)
     }
 
     fn run(&mut self) -> anyhow::Result<()> {
@@ -360,8 +453,19 @@ impl<'a> Forward<'a> {
 pub fn infer(a: InferBenchArgs) -> anyhow::Result<()> {
     let device = device_of(a.device)?;
     let vs = VarStore::new(device);
-    let memory_format = if device.is_cuda() { MemoryFormat::ChannelsLast } else { MemoryFormat::Contiguous };
-    let model = a.arch.build(&vs.root(), 1000, &ModelConfig { memory_format, ..ModelConfig::default() })?;
+    let memory_format = if device.is_cuda() {
+        MemoryFormat::ChannelsLast
+    } else {
+        MemoryFormat::Contiguous
+    };
+    let model = a.arch.build(
+        &vs.root(),
+        1000,
+        &ModelConfig {
+            memory_format,
+            ..ModelConfig::default()
+        },
+    )?;
     if device.is_cuda() {
         tch::Cuda::cudnn_set_benchmark(true);
     }
@@ -373,8 +477,18 @@ pub fn infer(a: InferBenchArgs) -> anyhow::Result<()> {
             bail!("--batch-sizes must be at least 1");
         }
         let x = Tensor::f_randn([b, 3, a.image_size, a.image_size], (kind, device))?;
-        let x = if device.is_cuda() { convnets_models::layout::to_channels_last(&x)? } else { x };
-        let mut forward = Forward::new(&model, &x, a.amp, a.cuda_graphs && device.is_cuda(), a.warmup)?;
+        let x = if device.is_cuda() {
+            convnets_models::layout::to_channels_last(&x)?
+        } else {
+            x
+        };
+        let mut forward = Forward::new(
+            &model,
+            &x,
+            a.amp,
+            a.cuda_graphs && device.is_cuda(),
+            a.warmup,
+        )?;
         let mut lat = Vec::with_capacity(a.iters);
         for _ in 0..a.iters {
             let t = Instant::now();
@@ -391,11 +505,21 @@ pub fn infer(a: InferBenchArgs) -> anyhow::Result<()> {
     let doc = json!({"bench": "infer", "machine": machine(), "arch": a.arch.name(), "amp": a.amp,
         "image_size": a.image_size, "device": format!("{device:?}"), "iters": a.iters, "results": rows});
     print(&doc, a.json, || {
-        println!("infer {} {:?}{}", a.arch.name(), device, if a.amp { " amp" } else { "" });
+        println!(
+            "infer {} {:?}{}",
+            a.arch.name(),
+            device,
+            if a.amp { " amp" } else { "" }
+        );
         for r in &rows {
-            println!("  batch {:>4}: {:>8.0} images/s  p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms", r["batch_size"],
-                r["images_per_s"].as_f64().unwrap_or(0.0), r["latency_ms"]["p50"].as_f64().unwrap_or(0.0),
-                r["latency_ms"]["p90"].as_f64().unwrap_or(0.0), r["latency_ms"]["p99"].as_f64().unwrap_or(0.0));
+            println!(
+                "  batch {:>4}: {:>8.0} images/s  p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms",
+                r["batch_size"],
+                r["images_per_s"].as_f64().unwrap_or(0.0),
+                r["latency_ms"]["p50"].as_f64().unwrap_or(0.0),
+                r["latency_ms"]["p90"].as_f64().unwrap_or(0.0),
+                r["latency_ms"]["p99"].as_f64().unwrap_or(0.0)
+            );
         }
     })
 }

@@ -69,10 +69,15 @@ impl CheckpointMeta {
     pub fn load(dir: &Path) -> anyhow::Result<Self> {
         let path = dir.join(META_NAME);
         let text = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        let meta: Self = serde_json::from_slice(&text)
-            .with_context(|| format!("{}: not a convnets checkpoint description", path.display()))?;
+        let meta: Self = serde_json::from_slice(&text).with_context(|| {
+            format!("{}: not a convnets checkpoint description", path.display())
+        })?;
         if meta.format != FORMAT {
-            bail!("{}: format is '{}', expected '{FORMAT}'", path.display(), meta.format);
+            bail!(
+                "{}: format is '{}', expected '{FORMAT}'",
+                path.display(),
+                meta.format
+            );
         }
         if meta.version != VERSION {
             bail!(
@@ -115,44 +120,74 @@ pub fn resolve(path: &Path) -> anyhow::Result<PathBuf> {
     if root.join("best").join(META_NAME).is_file() {
         return Ok(root.join("best"));
     }
-    let entries = std::fs::read_dir(&root).with_context(|| format!("reading {}", root.display()))?;
+    let entries =
+        std::fs::read_dir(&root).with_context(|| format!("reading {}", root.display()))?;
     let latest = entries
         .filter_map(|e| e.ok())
         .filter_map(|e| {
-            let step = e.file_name().to_str()?.strip_prefix("step-")?.parse::<u64>().ok()?;
+            let step = e
+                .file_name()
+                .to_str()?
+                .strip_prefix("step-")?
+                .parse::<u64>()
+                .ok()?;
             e.path().join(META_NAME).is_file().then(|| (step, e.path()))
         })
         .max_by_key(|(step, _)| *step);
     match latest {
         Some((_, dir)) => Ok(dir),
-        None => bail!("{}: the run holds no finished checkpoint yet", path.display()),
+        None => bail!(
+            "{}: the run holds no finished checkpoint yet",
+            path.display()
+        ),
     }
 }
 
 /// The class count of a ResNet-family state_dict: the rows of `fc.weight`.
 pub fn num_classes_of(file: &HashMap<String, Tensor>, path: &Path) -> anyhow::Result<i64> {
     let fc = file.get("fc.weight").with_context(|| {
-        format!("{}: no fc.weight, so not a ResNet-family state_dict", path.display())
+        format!(
+            "{}: no fc.weight, so not a ResNet-family state_dict",
+            path.display()
+        )
     })?;
     match fc.size().as_slice() {
         [n, _] => Ok(*n),
-        shape => bail!("{}: fc.weight has shape {shape:?}, expected [classes, features]", path.display()),
+        shape => bail!(
+            "{}: fc.weight has shape {shape:?}, expected [classes, features]",
+            path.display()
+        ),
     }
 }
 
 /// Loads a checkpoint folder (after [`resolve`]) or a bare safetensors state_dict, which
 /// needs `arch` and has no class names. A given `arch` must match the checkpoint's.
-pub fn load_any(path: &Path, arch: Option<Arch>, device: Device, cfg: &ModelConfig) -> anyhow::Result<LoadedModel> {
+pub fn load_any(
+    path: &Path,
+    arch: Option<Arch>,
+    device: Device,
+    cfg: &ModelConfig,
+) -> anyhow::Result<LoadedModel> {
     if !path.is_file() {
         let loaded = load(&resolve(path)?, device, cfg)?;
         if let Some(arch) = arch {
             if arch.name() != loaded.meta.arch {
-                bail!("{} holds {} weights, not {}", path.display(), loaded.meta.arch, arch.name());
+                bail!(
+                    "{} holds {} weights, not {}",
+                    path.display(),
+                    loaded.meta.arch,
+                    arch.name()
+                );
             }
         }
         return Ok(loaded);
     }
-    let arch = arch.with_context(|| format!("{} is a weights file: say which model with --arch", path.display()))?;
+    let arch = arch.with_context(|| {
+        format!(
+            "{} is a weights file: say which model with --arch",
+            path.display()
+        )
+    })?;
     let file = weights::read_safetensors(path)?;
     let num_classes = num_classes_of(&file, path)?;
     let mut vs = VarStore::new(Device::Cpu);
@@ -170,7 +205,8 @@ pub fn load_any(path: &Path, arch: Option<Arch>, device: Device, cfg: &ModelConf
 /// itself) keep their weights.
 pub fn apply_ema(vs: &VarStore, dir: &Path) -> anyhow::Result<()> {
     let path = dir.join(EMA_NAME);
-    let ema = Tensor::read_safetensors(&path).with_context(|| format!("--ema: reading {}", path.display()))?;
+    let ema = Tensor::read_safetensors(&path)
+        .with_context(|| format!("--ema: reading {}", path.display()))?;
     let vars = vs.variables();
     let _guard = tch::no_grad_guard();
     for (name, t) in ema {
@@ -180,7 +216,12 @@ pub fn apply_ema(vs: &VarStore, dir: &Path) -> anyhow::Result<()> {
             .with_context(|| format!("{}: {name} is not a parameter of the model", path.display()))?
             .shallow_clone();
         if var.size() != t.size() {
-            bail!("{}: {name} has shape {:?}, the model {:?}", path.display(), t.size(), var.size());
+            bail!(
+                "{}: {name} has shape {:?}, the model {:?}",
+                path.display(),
+                t.size(),
+                var.size()
+            );
         }
         var.copy_(&t);
     }

@@ -99,7 +99,11 @@ pub fn verify(a: VerifyArgs) -> anyhow::Result<()> {
         );
     }
     if !report.is_clean() {
-        bail!("{} problems found in {}", report.damage.len(), a.dataset.display());
+        bail!(
+            "{} problems found in {}",
+            report.damage.len(),
+            a.dataset.display()
+        );
     }
     Ok(())
 }

@@ -25,7 +25,11 @@ mod units;
 mod weights_cmds;
 
 #[derive(Debug, Parser)]
-#[command(name = "convnets", version, about = "Train ResNet-family image classifiers on ImageNet-scale data")]
+#[command(
+    name = "convnets",
+    version,
+    about = "Train ResNet-family image classifiers on ImageNet-scale data"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

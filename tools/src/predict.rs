@@ -87,12 +87,22 @@ pub fn run(a: PredictArgs) -> anyhow::Result<()> {
     }
     convnets_pipeline::loader::check_threads(a.threads)?;
     let device = device_of(a.device)?;
-    let memory_format = if device.is_cuda() { MemoryFormat::ChannelsLast } else { MemoryFormat::Contiguous };
-    let cfg = ModelConfig { memory_format, ..ModelConfig::default() };
+    let memory_format = if device.is_cuda() {
+        MemoryFormat::ChannelsLast
+    } else {
+        MemoryFormat::Contiguous
+    };
+    let cfg = ModelConfig {
+        memory_format,
+        ..ModelConfig::default()
+    };
     let loaded = checkpoint::load_any(&a.checkpoint, a.arch, device, &cfg)?;
     if a.ema {
         if a.checkpoint.is_file() {
-            bail!("--ema needs a checkpoint folder; {} is a weights file", a.checkpoint.display());
+            bail!(
+                "--ema needs a checkpoint folder; {} is a weights file",
+                a.checkpoint.display()
+            );
         }
         checkpoint::apply_ema(&loaded.vs, &checkpoint::resolve(&a.checkpoint)?)?;
     }
@@ -101,14 +111,18 @@ pub fn run(a: PredictArgs) -> anyhow::Result<()> {
     if files.is_empty() {
         bail!("no JPEG files (*.jpg, *.jpeg) in {}", list(&a.inputs));
     }
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(a.threads).build()?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(a.threads)
+        .build()?;
     let k = (a.top_k as i64).min(loaded.meta.num_classes);
     let classes = &loaded.meta.classes;
     let table = Table::new(&files);
     let bar = ProgressBar::with_draw_target(Some(files.len() as u64), ProgressDrawTarget::stderr());
     bar.set_style(
-        ProgressStyle::with_template("[{elapsed_precise}] {bar:30} {pos}/{len} images {per_sec} eta {eta}")
-            .expect("valid template"),
+        ProgressStyle::with_template(
+            "[{elapsed_precise}] {bar:30} {pos}/{len} images {per_sec} eta {eta}",
+        )
+        .expect("valid template"),
     );
     if !a.json {
         bar.suspend(|| table.header());
@@ -124,7 +138,10 @@ pub fn run(a: PredictArgs) -> anyhow::Result<()> {
     let (mut predictions, mut errors) = (Vec::new(), Vec::new());
     for chunk in files.chunks(a.batch_size) {
         let samples: Vec<Result<Vec<u8>, String>> = pool.install(|| {
-            chunk.par_iter().map_init(Worker::new, |w, path| w.sample(path, &crop, &spec)).collect()
+            chunk
+                .par_iter()
+                .map_init(Worker::new, |w, path| w.sample(path, &crop, &spec))
+                .collect()
         });
         let mut good = Vec::with_capacity(chunk.len());
         let mut pixels = Vec::with_capacity(chunk.len() * spec.sample_bytes());
@@ -136,7 +153,10 @@ pub fn run(a: PredictArgs) -> anyhow::Result<()> {
                 }
                 Err(error) => {
                     bar.suspend(|| eprintln!("error: {}: {error}", path.display()));
-                    errors.push(FileError { path: path.display().to_string(), error });
+                    errors.push(FileError {
+                        path: path.display().to_string(),
+                        error,
+                    });
                 }
             }
         }
@@ -147,7 +167,10 @@ pub fn run(a: PredictArgs) -> anyhow::Result<()> {
                 .zip(top)
                 .map(|(path, top)| Prediction {
                     path: path.display().to_string(),
-                    top: top.into_iter().map(|(class, p)| score(classes, class, p)).collect(),
+                    top: top
+                        .into_iter()
+                        .map(|(class, p)| score(classes, class, p))
+                        .collect(),
                 })
                 .collect();
             if !a.json {
@@ -174,7 +197,12 @@ pub fn run(a: PredictArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&doc)?);
     }
     if !errors.is_empty() {
-        bail!("{} of {} files could not be predicted (listed above); {} predicted", errors.len(), files.len(), predictions.len());
+        bail!(
+            "{} of {} files could not be predicted (listed above); {} predicted",
+            errors.len(),
+            files.len(),
+            predictions.len()
+        );
     }
     eprintln!("{} images predicted", predictions.len());
     Ok(())
@@ -199,8 +227,12 @@ pub fn collect_images(inputs: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
 }
 
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
-    for entry in std::fs::read_dir(dir).with_context(|| format!("reading folder {}", dir.display()))? {
-        let path = entry.with_context(|| format!("reading folder {}", dir.display()))?.path();
+    for entry in
+        std::fs::read_dir(dir).with_context(|| format!("reading folder {}", dir.display()))?
+    {
+        let path = entry
+            .with_context(|| format!("reading folder {}", dir.display()))?
+            .path();
         if path.is_dir() {
             walk(&path, out)?;
         } else if path
@@ -215,7 +247,11 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
 }
 
 fn list(paths: &[PathBuf]) -> String {
-    paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Per-thread decoding state, reused across images.
@@ -237,17 +273,31 @@ impl Worker {
     }
 
     /// One transformed image (f32 NCHW bytes), or why there is none.
-    fn sample(&mut self, path: &Path, crop: &CenterCrop, spec: &OutputSpec) -> Result<Vec<u8>, String> {
+    fn sample(
+        &mut self,
+        path: &Path,
+        crop: &CenterCrop,
+        spec: &OutputSpec,
+    ) -> Result<Vec<u8>, String> {
         let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
         if !bytes.starts_with(&[0xFF, 0xD8]) {
             return Err(not_jpeg(&bytes));
         }
         let decoder = self.decoder.as_mut().map_err(|e| e.clone())?;
-        decoder.decode_full(&bytes, &mut self.image).map_err(|e| e.to_string())?;
+        decoder
+            .decode_full(&bytes, &mut self.image)
+            .map_err(|e| e.to_string())?;
         let window = crop.plan(self.image.width, self.image.height);
         let mut out = vec![0u8; spec.sample_bytes()];
         self.augmenter
-            .crop_resize_into(&self.image.data, self.image.width, self.image.height, &window, spec, &mut out)
+            .crop_resize_into(
+                &self.image.data,
+                self.image.width,
+                self.image.height,
+                &window,
+                spec,
+                &mut out,
+            )
             .map_err(|e| e.to_string())?;
         Ok(out)
     }
@@ -274,13 +324,18 @@ fn top_k(
 ) -> anyhow::Result<Vec<Vec<(i64, f64)>>> {
     let _guard = tch::no_grad_guard();
     let s = i64::from(size);
-    let images = Tensor::f_from_data_size(pixels, &[n as i64, 3, s, s], Kind::Float)?.to_device(device);
+    let images =
+        Tensor::f_from_data_size(pixels, &[n as i64, 3, s, s], Kind::Float)?.to_device(device);
     let logits = loaded.model.f_forward_t(&images, false)?;
     let probs = logits.f_softmax(-1, Kind::Float)?;
     let (p, idx) = probs.f_topk(k, 1, true, true)?;
     let p: Vec<Vec<f64>> = Vec::try_from(&p.to_device(Device::Cpu))?;
     let idx: Vec<Vec<i64>> = Vec::try_from(&idx.to_device(Device::Cpu))?;
-    Ok(idx.into_iter().zip(p).map(|(i, p)| i.into_iter().zip(p).collect()).collect())
+    Ok(idx
+        .into_iter()
+        .zip(p)
+        .map(|(i, p)| i.into_iter().zip(p).collect())
+        .collect())
 }
 
 fn score(classes: &[ClassInfo], class: i64, probability: f64) -> ClassScore {
@@ -300,12 +355,23 @@ struct Table {
 
 impl Table {
     fn new(files: &[PathBuf]) -> Self {
-        let path_width = files.iter().map(|p| p.display().to_string().chars().count()).max().unwrap_or(0).max(5);
+        let path_width = files
+            .iter()
+            .map(|p| p.display().to_string().chars().count())
+            .max()
+            .unwrap_or(0)
+            .max(5);
         Self { path_width }
     }
 
     fn header(&self) {
-        println!("{:<w$}  {:>2}  {:>8}  CLASS", "IMAGE", "#", "PROB", w = self.path_width);
+        println!(
+            "{:<w$}  {:>2}  {:>8}  CLASS",
+            "IMAGE",
+            "#",
+            "PROB",
+            w = self.path_width
+        );
     }
 
     fn rows(&self, batch: &[Prediction]) {

@@ -11,7 +11,11 @@ use convnets_formats::{Dataset, RecordSource};
 
 /// `split` is `train` or `val`; in a TFRecord folder `val` reads the `validation-*` files
 /// and labels are shifted down by `label_offset` (1 for `build_imagenet_data.py`).
-pub fn open_split(dir: &Path, split: &str, label_offset: i64) -> anyhow::Result<Arc<dyn RecordSource>> {
+pub fn open_split(
+    dir: &Path,
+    split: &str,
+    label_offset: i64,
+) -> anyhow::Result<Arc<dyn RecordSource>> {
     if dir.join(MANIFEST_NAME).is_file() {
         return Ok(Arc::new(Dataset::open(dir)?.split(split)?));
     }

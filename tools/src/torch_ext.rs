@@ -55,11 +55,20 @@ fn ptrs(ts: &[&Tensor]) -> Vec<*const c_void> {
 /// Multiplies every gradient by `inv_scale` (a one-element f32 tensor) and sets `found_inf`
 /// (one-element f32, zeroed by the caller) to 1 if any element is inf or NaN: one pass, on
 /// the device, no synchronisation.
-pub fn non_finite_check_and_unscale(grads: &[&Tensor], found_inf: &Tensor, inv_scale: &Tensor) -> anyhow::Result<()> {
+pub fn non_finite_check_and_unscale(
+    grads: &[&Tensor],
+    found_inf: &Tensor,
+    inv_scale: &Tensor,
+) -> anyhow::Result<()> {
     let g = ptrs(grads);
     // SAFETY: every pointer is a live tch tensor (an `at::Tensor*`) borrowed for the call.
     let status = unsafe {
-        cx_non_finite_check_and_unscale(g.as_ptr(), g.len(), found_inf.as_ptr() as _, inv_scale.as_ptr() as _)
+        cx_non_finite_check_and_unscale(
+            g.as_ptr(),
+            g.len(),
+            found_inf.as_ptr() as _,
+            inv_scale.as_ptr() as _,
+        )
     };
     check(status, "finite check of the gradients")
 }
@@ -80,7 +89,12 @@ pub fn fused_sgd(
     found_inf: Option<&Tensor>,
 ) -> anyhow::Result<()> {
     if grads.len() != params.len() || !(bufs.is_empty() || bufs.len() == params.len()) {
-        bail!("fused SGD: {} parameters, {} gradients, {} momentum buffers", params.len(), grads.len(), bufs.len());
+        bail!(
+            "fused SGD: {} parameters, {} gradients, {} momentum buffers",
+            params.len(),
+            grads.len(),
+            bufs.len()
+        );
     }
     let (p, g, b) = (ptrs(params), ptrs(grads), ptrs(bufs));
     let inf = found_inf.map_or(std::ptr::null(), |t| t.as_ptr() as *const c_void);
@@ -166,7 +180,10 @@ pub mod cuda {
     impl CudaGraph {
         /// Captures what `body` queues on `device` from this thread. Nothing runs: the work
         /// happens at [`CudaGraph::replay`]. `body` must not synchronise with the host.
-        pub fn capture<T>(device: usize, body: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(Self, T)> {
+        pub fn capture<T>(
+            device: usize,
+            body: impl FnOnce() -> anyhow::Result<T>,
+        ) -> anyhow::Result<(Self, T)> {
             // SAFETY: returns an owned object or null (error kept).
             let raw = unsafe { cx_graph_new() };
             if raw.is_null() {
@@ -174,10 +191,16 @@ pub mod cuda {
             }
             let graph = Self { raw, device };
             // SAFETY: `raw` is live; begin and end are paired below on this thread.
-            check(unsafe { cx_graph_capture_begin(graph.raw, device as c_int) }, "starting a CUDA graph capture")?;
+            check(
+                unsafe { cx_graph_capture_begin(graph.raw, device as c_int) },
+                "starting a CUDA graph capture",
+            )?;
             let out = body();
             // SAFETY: as above. Ending also closes a capture whose body failed.
-            let end = check(unsafe { cx_graph_capture_end(graph.raw) }, "capturing the CUDA graph");
+            let end = check(
+                unsafe { cx_graph_capture_end(graph.raw) },
+                "capturing the CUDA graph",
+            );
             match (out, end) {
                 (Ok(v), Ok(())) => Ok((graph, v)),
                 (Err(e), _) => Err(e.context("capturing the CUDA graph")),
@@ -188,7 +211,10 @@ pub mod cuda {
         /// Runs the captured work on libtorch's current stream.
         pub fn replay(&mut self) -> anyhow::Result<()> {
             // SAFETY: a captured graph.
-            check(unsafe { cx_graph_replay(self.raw) }, "replaying the CUDA graph")
+            check(
+                unsafe { cx_graph_replay(self.raw) },
+                "replaying the CUDA graph",
+            )
         }
 
         pub fn device(&self) -> usize {
@@ -223,7 +249,10 @@ pub mod cuda {
         pub fn exit(mut self) -> anyhow::Result<()> {
             let raw = std::mem::replace(&mut self.raw, std::ptr::null_mut());
             // SAFETY: the guard from `enter`, freed once.
-            check(unsafe { cx_side_stream_exit(raw) }, "leaving the side stream")
+            check(
+                unsafe { cx_side_stream_exit(raw) },
+                "leaving the side stream",
+            )
         }
     }
 
@@ -259,7 +288,10 @@ pub mod cuda {
 
         pub fn wait(&self) -> anyhow::Result<()> {
             // SAFETY: a recorded event.
-            check(unsafe { cx_fence_wait(self.raw) }, "waiting for a CUDA event")
+            check(
+                unsafe { cx_fence_wait(self.raw) },
+                "waiting for a CUDA event",
+            )
         }
     }
 
@@ -286,7 +318,11 @@ mod tests {
         let inf = Tensor::zeros([], opts);
         fused_sgd(&[&p], &[&g], &[&b], 0.01, 0.9, &lr, true, Some(&inf))?;
         for i in 0..3 {
-            let (p0, g0, b0) = ([1.0, -2.0, 3.0][i], [0.5, 0.25, -1.0][i], [0.1, 0.0, -0.2][i]);
+            let (p0, g0, b0) = (
+                [1.0, -2.0, 3.0][i],
+                [0.5, 0.25, -1.0][i],
+                [0.1, 0.0, -0.2][i],
+            );
             let d = g0 + 0.01 * p0;
             let buf = 0.9 * b0 + d;
             let want = p0 - 0.1 * (d + 0.9 * buf);
@@ -296,7 +332,10 @@ mod tests {
         let before = (p.copy(), b.copy());
         let inf = Tensor::ones([], opts);
         fused_sgd(&[&p], &[&g], &[&b], 0.01, 0.9, &lr, false, Some(&inf))?;
-        assert!(p.equal(&before.0) && b.equal(&before.1), "a step with found_inf = 1 changes nothing");
+        assert!(
+            p.equal(&before.0) && b.equal(&before.1),
+            "a step with found_inf = 1 changes nothing"
+        );
         Ok(())
     }
 

@@ -34,9 +34,15 @@ pub fn import(a: ImportArgs) -> anyhow::Result<()> {
     let num_classes = checkpoint::num_classes_of(&file, &a.weights)?;
     drop(file);
     let vs = VarStore::new(Device::Cpu);
-    a.arch.build(&vs.root(), num_classes, &ModelConfig::default())?;
-    weights::load_safetensors(&vs, &a.weights)
-        .with_context(|| format!("{} is not a {} state_dict", a.weights.display(), a.arch.name()))?;
+    a.arch
+        .build(&vs.root(), num_classes, &ModelConfig::default())?;
+    weights::load_safetensors(&vs, &a.weights).with_context(|| {
+        format!(
+            "{} is not a {} state_dict",
+            a.weights.display(),
+            a.arch.name()
+        )
+    })?;
     let mut meta = CheckpointMeta::new(a.arch, num_classes);
     meta.source = format!("imported from {}", a.weights.display());
     if let Some(ds) = &a.classes_from {

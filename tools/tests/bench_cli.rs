@@ -10,9 +10,14 @@ use convnets_formats::RecordSource;
 use convnets_tools::bench_model::{e2e_measure, E2eBenchArgs};
 
 fn convnets(args: &[&str]) -> Result<String> {
-    let out = Command::new(env!("CARGO_BIN_EXE_convnets")).args(args).output()?;
+    let out = Command::new(env!("CARGO_BIN_EXE_convnets"))
+        .args(args)
+        .output()?;
     if !out.status.success() {
-        bail!("convnets {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "convnets {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(String::from_utf8(out.stdout)?)
 }
@@ -27,9 +32,28 @@ fn json(args: &[&str]) -> Result<serde_json::Value> {
 fn dataset(dir: &Path, size: u32, per_class: u32) -> Result<String> {
     let images = dir.join("images");
     let packed = dir.join("packed");
-    convnets(&["synth", "--output", images.to_str().unwrap(), "--classes", "2", "--train-per-class",
-        &per_class.to_string(), "--val-per-class", "0", "--size", &size.to_string()])?;
-    convnets(&["pack-imagenet", "-i", images.to_str().unwrap(), "-o", packed.to_str().unwrap(), "-q", "--no-decode-check"])?;
+    convnets(&[
+        "synth",
+        "--output",
+        images.to_str().unwrap(),
+        "--classes",
+        "2",
+        "--train-per-class",
+        &per_class.to_string(),
+        "--val-per-class",
+        "0",
+        "--size",
+        &size.to_string(),
+    ])?;
+    convnets(&[
+        "pack-imagenet",
+        "-i",
+        images.to_str().unwrap(),
+        "-o",
+        packed.to_str().unwrap(),
+        "-q",
+        "--no-decode-check",
+    ])?;
     Ok(packed.to_str().context("utf-8 path")?.to_string())
 }
 
@@ -37,15 +61,42 @@ fn dataset(dir: &Path, size: u32, per_class: u32) -> Result<String> {
 fn loader_numbers_add_up() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let data = dataset(tmp.path(), 64, 20)?;
-    let d = json(&["bench", "loader", "--data", &data, "--batch-size", "4", "--threads", "2",
-        "--image-size", "32", "--epochs", "3", "--warmup-batches", "2"])?;
-    let (images, batches) = (d["images"].as_u64().context("images")?, d["batches"].as_u64().context("batches")?);
+    let d = json(&[
+        "bench",
+        "loader",
+        "--data",
+        &data,
+        "--batch-size",
+        "4",
+        "--threads",
+        "2",
+        "--image-size",
+        "32",
+        "--epochs",
+        "3",
+        "--warmup-batches",
+        "2",
+    ])?;
+    let (images, batches) = (
+        d["images"].as_u64().context("images")?,
+        d["batches"].as_u64().context("batches")?,
+    );
     assert_eq!(images, batches * 4, "images = batches x batch size");
-    assert_eq!(batches, 3 * 10 - 2, "three epochs of 10 batches, 2 of warm-up");
+    assert_eq!(
+        batches,
+        3 * 10 - 2,
+        "three epochs of 10 batches, 2 of warm-up"
+    );
     let wall = d["wall_s"].as_f64().context("wall")?;
     let threads = d["settings"]["threads"].as_f64().context("threads")?;
-    let stages: f64 = ["read", "decode", "augment"].iter().map(|s| d["stage_thread_s"][s].as_f64().unwrap_or(-1.0)).sum();
-    assert!(stages > 0.0 && stages <= wall * threads * 1.05, "stage time {stages} in {wall} s x {threads} threads");
+    let stages: f64 = ["read", "decode", "augment"]
+        .iter()
+        .map(|s| d["stage_thread_s"][s].as_f64().unwrap_or(-1.0))
+        .sum();
+    assert!(
+        stages > 0.0 && stages <= wall * threads * 1.05,
+        "stage time {stages} in {wall} s x {threads} threads"
+    );
     let rate = d["images_per_s"].as_f64().context("rate")?;
     assert!((rate * wall - images as f64).abs() < 1.0);
     Ok(())
@@ -55,22 +106,44 @@ fn loader_numbers_add_up() -> Result<()> {
 fn drop_cache_evicts_the_split_and_reports_it() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let data = dataset(tmp.path(), 64, 10)?;
-    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(Path::new(&data).join("manifest.json"))?)?;
-    let shards = manifest["splits"]["train"]["shards"].as_array().context("train shards")?;
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(Path::new(&data).join("manifest.json"))?)?;
+    let shards = manifest["splits"]["train"]["shards"]
+        .as_array()
+        .context("train shards")?;
     let shard_bytes: u64 = shards.iter().filter_map(|s| s["bytes"].as_u64()).sum();
-    let args = ["bench", "loader", "--data", &data, "--batch-size", "4", "--threads", "1", "--image-size", "32",
-        "--epochs", "1", "--warmup-batches", "1"];
+    let args = [
+        "bench",
+        "loader",
+        "--data",
+        &data,
+        "--batch-size",
+        "4",
+        "--threads",
+        "1",
+        "--image-size",
+        "32",
+        "--epochs",
+        "1",
+        "--warmup-batches",
+        "1",
+    ];
 
     let d = json(&[&args[..], &["--drop-cache"]].concat())?;
     assert_eq!(d["settings"]["drop_cache"], true, "{d}");
     let dc = &d["drop_cache"];
     assert_eq!(dc["files"].as_u64(), Some(shards.len() as u64), "{d}");
     assert_eq!(dc["bytes"].as_u64(), Some(shard_bytes), "{d}");
-    let after = dc["resident_after_bytes"].as_u64().context("resident after")?;
+    let after = dc["resident_after_bytes"]
+        .as_u64()
+        .context("resident after")?;
     let cold = d["cold"].as_bool().context("cold")?;
     let failed = dc["failed"].as_array().context("failed")?;
     assert_eq!(cold, failed.is_empty() && after == 0, "{d}");
-    assert!(dc["resident_at_start_bytes"].as_u64().context("at start")? <= shard_bytes, "{d}");
+    assert!(
+        dc["resident_at_start_bytes"].as_u64().context("at start")? <= shard_bytes,
+        "{d}"
+    );
     assert!(d["images"].as_u64().unwrap_or(0) > 0, "{d}");
     // No root needed: on a disk file system the files leave the page cache (tmpfs pages cannot).
     if !on_tmpfs(tmp.path()) {
@@ -87,7 +160,9 @@ fn drop_cache_evicts_the_split_and_reports_it() -> Result<()> {
 fn on_tmpfs(path: &Path) -> bool {
     use std::os::unix::ffi::OsStrExt;
     const TMPFS_MAGIC: i64 = 0x0102_1994;
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else { return false };
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
     // SAFETY: statfs writes into the zeroed struct we own; the path is NUL-terminated.
     let mut s: libc::statfs = unsafe { std::mem::zeroed() };
     unsafe { libc::statfs(c.as_ptr(), &mut s) == 0 && s.f_type as i64 == TMPFS_MAGIC }
@@ -121,26 +196,77 @@ fn e2e_verdict_flips_between_input_and_compute_bound() -> Result<()> {
     // processes share the cores, and the verdict must not depend on the machine's load.
     tch::set_num_threads(1);
     let args = |arch: &str, size: &str, batch: &str| -> Result<E2eBenchArgs> {
-        let cli = Probe::try_parse_from(["probe", "--data", &data, "--arch", arch, "--batch-size", batch,
-            "--image-size", size, "--threads", "1", "--steps", "3", "--warmup-steps", "1", "--device", "cpu"])?;
+        let cli = Probe::try_parse_from([
+            "probe",
+            "--data",
+            &data,
+            "--arch",
+            arch,
+            "--batch-size",
+            batch,
+            "--image-size",
+            size,
+            "--threads",
+            "1",
+            "--steps",
+            "3",
+            "--warmup-steps",
+            "1",
+            "--device",
+            "cpu",
+        ])?;
         Ok(cli.args)
     };
     // 300 ms per record on one thread (< 3.4 img/s) feeding resnet18 at 16x16 (hundreds of
     // img/s on one idle core): input-bound with a wide margin.
-    let slow: std::sync::Arc<dyn RecordSource> = std::sync::Arc::new(Slow(source.clone(), std::time::Duration::from_millis(300)));
+    let slow: std::sync::Arc<dyn RecordSource> =
+        std::sync::Arc::new(Slow(source.clone(), std::time::Duration::from_millis(300)));
     let d = e2e_measure(slow, &args("resnet18", "16", "4")?)?;
     assert_eq!(d["input_bound"], true, "{d}");
-    assert!(d["verdict"].as_str().unwrap_or("").starts_with("input-bound"), "{d}");
+    assert!(
+        d["verdict"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("input-bound"),
+        "{d}"
+    );
     assert!(d["data_wait_fraction"].as_f64().unwrap_or(0.0) > 0.2, "{d}");
 
     // The same records at full speed feeding resnet50 at 96x96: compute-bound.
     let d = e2e_measure(source, &args("resnet50", "96", "8")?)?;
     assert_eq!(d["input_bound"], false, "{d}");
-    assert!(d["verdict"].as_str().unwrap_or("").starts_with("compute-bound"), "{d}");
+    assert!(
+        d["verdict"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("compute-bound"),
+        "{d}"
+    );
     // The CLI prints the same document.
-    let d = json(&["bench", "e2e", "--data", &data, "--arch", "resnet18", "--batch-size", "4", "--image-size", "16",
-        "--threads", "1", "--steps", "2", "--warmup-steps", "1", "--device", "cpu"])?;
-    assert!(d["verdict"].is_string() && d["images_per_s"].as_f64().unwrap_or(0.0) > 0.0, "{d}");
+    let d = json(&[
+        "bench",
+        "e2e",
+        "--data",
+        &data,
+        "--arch",
+        "resnet18",
+        "--batch-size",
+        "4",
+        "--image-size",
+        "16",
+        "--threads",
+        "1",
+        "--steps",
+        "2",
+        "--warmup-steps",
+        "1",
+        "--device",
+        "cpu",
+    ])?;
+    assert!(
+        d["verdict"].is_string() && d["images_per_s"].as_f64().unwrap_or(0.0) > 0.0,
+        "{d}"
+    );
     Ok(())
 }
 
@@ -152,16 +278,47 @@ struct Probe {
 
 #[test]
 fn train_and_infer_report_their_figures() -> Result<()> {
-    let d = json(&["bench", "train", "--arch", "resnet18", "--batch-size", "2", "--image-size", "32",
-        "--steps", "2", "--warmup-steps", "1", "--device", "cpu"])?;
+    let d = json(&[
+        "bench",
+        "train",
+        "--arch",
+        "resnet18",
+        "--batch-size",
+        "2",
+        "--image-size",
+        "32",
+        "--steps",
+        "2",
+        "--warmup-steps",
+        "1",
+        "--device",
+        "cpu",
+    ])?;
     assert!(d["images_per_s"].as_f64().unwrap_or(0.0) > 0.0, "{d}");
-    let d = json(&["bench", "infer", "--arch", "resnet18", "--batch-sizes", "1,2", "--image-size", "32",
-        "--iters", "3", "--warmup", "1", "--device", "cpu"])?;
+    let d = json(&[
+        "bench",
+        "infer",
+        "--arch",
+        "resnet18",
+        "--batch-sizes",
+        "1,2",
+        "--image-size",
+        "32",
+        "--iters",
+        "3",
+        "--warmup",
+        "1",
+        "--device",
+        "cpu",
+    ])?;
     let rows = d["results"].as_array().context("results")?;
     assert_eq!(rows.len(), 2);
     for r in rows {
         let l = &r["latency_ms"];
-        assert!(l["p50"].as_f64() <= l["p90"].as_f64() && l["p90"].as_f64() <= l["p99"].as_f64(), "{r}");
+        assert!(
+            l["p50"].as_f64() <= l["p90"].as_f64() && l["p90"].as_f64() <= l["p99"].as_f64(),
+            "{r}"
+        );
     }
     Ok(())
 }

@@ -17,9 +17,20 @@ const PEER_FAILED: i32 = convnets_tools::dist::PEER_FAILED_EXIT_STATUS;
 fn convnets() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_convnets"));
     // A group around the test itself (CI under srun, say) must not leak into the ranks.
-    for var in ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS",
-        "SLURM_PROCID", "SLURM_LOCALID", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK"]
-    {
+    for var in [
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "SLURM_NTASKS",
+        "SLURM_PROCID",
+        "SLURM_LOCALID",
+        "OMPI_COMM_WORLD_SIZE",
+        "OMPI_COMM_WORLD_RANK",
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+    ] {
         command.env_remove(var);
     }
     command.stdin(Stdio::null());
@@ -39,8 +50,10 @@ fn stderr(output: &Output) -> String {
 
 /// The JSON lines of `dist-check` ranks, sorted by rank.
 fn rank_lines(stdout: &[u8]) -> Result<Vec<Value>> {
-    let mut lines: Vec<Value> =
-        String::from_utf8(stdout.to_vec())?.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+    let mut lines: Vec<Value> = String::from_utf8(stdout.to_vec())?
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
     lines.sort_by_key(|l| l["rank"].as_u64());
     Ok(lines)
 }
@@ -88,7 +101,11 @@ impl Ranks {
             std::thread::sleep(Duration::from_millis(20));
         };
         let mut err = String::new();
-        child.stderr.take().context("stderr")?.read_to_string(&mut err)?;
+        child
+            .stderr
+            .take()
+            .context("stderr")?
+            .read_to_string(&mut err)?;
         Ok((status, err))
     }
 
@@ -110,7 +127,8 @@ impl Ranks {
             let (rank, line) = rx
                 .recv_timeout(deadline.saturating_duration_since(Instant::now()))
                 .context("not every rank printed its line in time")?;
-            lines[rank] = serde_json::from_str(&line).with_context(|| format!("rank {rank} printed {line:?}"))?;
+            lines[rank] = serde_json::from_str(&line)
+                .with_context(|| format!("rank {rank} printed {line:?}"))?;
         }
         Ok(lines)
     }
@@ -127,7 +145,17 @@ impl Drop for Ranks {
 
 #[test]
 fn launched_ranks_share_rank_zeros_payload() -> Result<()> {
-    let (out, took) = run(&["launch", "--nproc", "3", "--gpus", "4,5,6", "--", "dist-check", "--payload-size", "200"])?;
+    let (out, took) = run(&[
+        "launch",
+        "--nproc",
+        "3",
+        "--gpus",
+        "4,5,6",
+        "--",
+        "dist-check",
+        "--payload-size",
+        "200",
+    ])?;
     assert!(out.status.success(), "{}", stderr(&out));
     let lines = rank_lines(&out.stdout)?;
     assert_eq!(lines.len(), 3, "{lines:?}");
@@ -137,32 +165,59 @@ fn launched_ranks_share_rank_zeros_payload() -> Result<()> {
         assert_eq!(line["world_size"], 3, "{line}");
         assert_eq!(line["payload_len"], 200, "{line}");
         assert_eq!(line["payload_crc"], lines[0]["payload_crc"], "{lines:?}");
-        assert_eq!(line["cuda_visible_devices"], (rank + 4).to_string(), "{line}");
+        assert_eq!(
+            line["cuda_visible_devices"],
+            (rank + 4).to_string(),
+            "{line}"
+        );
     }
     assert!(took < Duration::from_secs(20), "took {took:?}");
 
     // Without --gpus the launcher leaves CUDA_VISIBLE_DEVICES alone.
-    let out = convnets().args(["launch", "--nproc", "2", "--", "dist-check"]).env_remove("CUDA_VISIBLE_DEVICES").output()?;
+    let out = convnets()
+        .args(["launch", "--nproc", "2", "--", "dist-check"])
+        .env_remove("CUDA_VISIBLE_DEVICES")
+        .output()?;
     assert!(out.status.success(), "{}", stderr(&out));
     let lines = rank_lines(&out.stdout)?;
     assert_eq!(lines.len(), 2);
-    assert!(lines.iter().all(|l| l["cuda_visible_devices"].is_null()), "{lines:?}");
+    assert!(
+        lines.iter().all(|l| l["cuda_visible_devices"].is_null()),
+        "{lines:?}"
+    );
     Ok(())
 }
 
 #[test]
 fn a_failing_rank_stops_the_launch_and_is_named() -> Result<()> {
-    let (out, took) = run(&["launch", "--nproc", "3", "--", "dist-check", "--fail-rank", "1", "--fail-after-ms", "300"])?;
+    let (out, took) = run(&[
+        "launch",
+        "--nproc",
+        "3",
+        "--",
+        "dist-check",
+        "--fail-rank",
+        "1",
+        "--fail-after-ms",
+        "300",
+    ])?;
     let err = stderr(&out);
     assert!(!out.status.success(), "{err}");
     assert!(took < Duration::from_secs(30), "took {took:?}: {err}");
     // The launcher names the rank that failed, not the ranks its failure stopped.
-    assert!(err.contains("error: rank 1 failed (exit status 1); stopped the other ranks"), "{err}");
+    assert!(
+        err.contains("error: rank 1 failed (exit status 1); stopped the other ranks"),
+        "{err}"
+    );
     for survivor in [0, 2] {
         let said = format!("rank {survivor} stops: rank 1 failed: simulated failure");
         assert!(err.contains(&said), "{err}");
     }
-    assert_eq!(rank_lines(&out.stdout)?.len(), 3, "every rank met before the failure");
+    assert_eq!(
+        rank_lines(&out.stdout)?.len(),
+        3,
+        "every rank met before the failure"
+    );
     Ok(())
 }
 
@@ -171,7 +226,10 @@ fn a_rank_that_never_comes_is_named_by_rank_zero() -> Result<()> {
     let mut ranks = Ranks::start(2, &["--hang-rank", "1", "--timeout-s", "2"])?;
     let (status, err) = ranks.wait(0, Duration::from_secs(15))?;
     assert!(!status.success(), "{err}");
-    assert!(err.contains("ranks [1] did not connect within 2 s"), "{err}");
+    assert!(
+        err.contains("ranks [1] did not connect within 2 s"),
+        "{err}"
+    );
     Ok(())
 }
 
@@ -179,35 +237,69 @@ fn a_rank_that_never_comes_is_named_by_rank_zero() -> Result<()> {
 fn the_watchdog_names_a_killed_rank_to_the_others() -> Result<()> {
     let mut ranks = Ranks::start(3, &["--wait-ms", "20000"])?;
     let lines = ranks.first_lines(Duration::from_secs(20))?;
-    assert!(lines.iter().all(|l| l["payload_crc"] == lines[0]["payload_crc"]), "{lines:?}");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["payload_crc"] == lines[0]["payload_crc"]),
+        "{lines:?}"
+    );
     ranks.0[2].kill()?; // SIGKILL: no goodbye on the control channel
     let killed = Instant::now();
     for rank in [0, 1] {
         let (status, err) = ranks.wait(rank, Duration::from_secs(10))?;
         assert_eq!(status.code(), Some(PEER_FAILED), "rank {rank}: {err}");
-        assert!(err.contains(&format!("rank {rank} stops: rank 2 exited or lost its connection")), "{err}");
+        assert!(
+            err.contains(&format!(
+                "rank {rank} stops: rank 2 exited or lost its connection"
+            )),
+            "{err}"
+        );
     }
-    assert!(killed.elapsed() < Duration::from_secs(5), "noticed after {:?}", killed.elapsed());
+    assert!(
+        killed.elapsed() < Duration::from_secs(5),
+        "noticed after {:?}",
+        killed.elapsed()
+    );
     Ok(())
 }
 
 #[test]
 fn usage_errors_are_clear() -> Result<()> {
     let cases: &[(&[&str], &str)] = &[
-        (&["launch", "--nproc", "2", "--gpus", "0", "--", "dist-check"], "1 GPU(s) (0) for 2 ranks"),
-        (&["launch", "--nproc", "0", "--", "dist-check"], "at least 1"),
+        (
+            &["launch", "--nproc", "2", "--gpus", "0", "--", "dist-check"],
+            "1 GPU(s) (0) for 2 ranks",
+        ),
+        (
+            &["launch", "--nproc", "0", "--", "dist-check"],
+            "at least 1",
+        ),
         (&["launch", "--nproc", "2"], "COMMAND"),
         (&["dist-check"], "dist-check needs a process group"),
     ];
     for (args, expected) in cases {
         let (out, _) = run(args)?;
         assert!(!out.status.success(), "{args:?}");
-        assert!(stderr(&out).contains(expected), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(expected),
+            "{args:?}: {}",
+            stderr(&out)
+        );
     }
-    let out = convnets().args(["launch", "--nproc", "2", "--", "dist-check"]).env("WORLD_SIZE", "4").output()?;
-    assert!(stderr(&out).contains("already is a rank of a group"), "{}", stderr(&out));
+    let out = convnets()
+        .args(["launch", "--nproc", "2", "--", "dist-check"])
+        .env("WORLD_SIZE", "4")
+        .output()?;
+    assert!(
+        stderr(&out).contains("already is a rank of a group"),
+        "{}",
+        stderr(&out)
+    );
     // The launcher's documentation, visible; the self-test, hidden.
     let help = String::from_utf8(run(&["--help"])?.0.stdout)?;
-    assert!(help.contains("launch") && !help.contains("dist-check"), "{help}");
+    assert!(
+        help.contains("launch") && !help.contains("dist-check"),
+        "{help}"
+    );
     Ok(())
 }

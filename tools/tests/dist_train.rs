@@ -25,16 +25,54 @@ fn dataset(dir: &Path) -> String {
     let images = dir.join("synth");
     let packed = dir.join("packed");
     let (i, p) = (images.to_str().unwrap(), packed.to_str().unwrap());
-    convnets(&["synth", "--output", i, "--classes", "4", "--train-per-class", "32", "--val-per-class", "9", "--size", "40", "--seed", "3"]);
+    convnets(&[
+        "synth",
+        "--output",
+        i,
+        "--classes",
+        "4",
+        "--train-per-class",
+        "32",
+        "--val-per-class",
+        "9",
+        "--size",
+        "40",
+        "--seed",
+        "3",
+    ]);
     convnets(&["pack-imagenet", "-i", i, "-o", p, "-q"]);
     p.to_string()
 }
 
 fn train_args<'a>(data: &'a str, out: &'a str, batch: &'a str) -> Vec<&'a str> {
     vec![
-        "train", "--data", data, "--arch", "resnet18", "--device", "cpu", "--image-size", "32",
-        "--threads", "1", "--seed", "5", "--epochs", "1", "--warmup-epochs", "0", "--lr", "0.5",
-        "--log-every", "1", "--eval-every", "1", "--batch-size", batch, "-o", out,
+        "train",
+        "--data",
+        data,
+        "--arch",
+        "resnet18",
+        "--device",
+        "cpu",
+        "--image-size",
+        "32",
+        "--threads",
+        "1",
+        "--seed",
+        "5",
+        "--epochs",
+        "1",
+        "--warmup-epochs",
+        "0",
+        "--lr",
+        "0.5",
+        "--log-every",
+        "1",
+        "--eval-every",
+        "1",
+        "--batch-size",
+        batch,
+        "-o",
+        out,
     ]
 }
 
@@ -71,7 +109,10 @@ fn two_ranks_train_like_one_process_with_the_whole_batch() {
 
     let s = summary(&two);
     assert_eq!(s["world_size"], 2);
-    assert_eq!(s["weight_difference_across_ranks"], 0.0, "replicas drifted apart: {s}");
+    assert_eq!(
+        s["weight_difference_across_ranks"], 0.0,
+        "replicas drifted apart: {s}"
+    );
     // Each rank evaluates its share; the sums cover every val image exactly once.
     assert_eq!(s["final_eval"]["images"], 36, "{s}");
     assert_eq!(summary(&one)["final_eval"]["images"], 36);
@@ -103,7 +144,11 @@ fn two_ranks_train_like_one_process_with_the_whole_batch() {
     assert_eq!(c.len(), b.len());
     let diffs = loss_differences(&b, &c);
     println!("per-step |loss(f32 all-reduce) - loss(f16 all-reduce)|: {diffs:.4?}");
-    assert!(diffs[0] == 0.0, "the first loss comes before any all-reduce: {}", diffs[0]);
+    assert!(
+        diffs[0] == 0.0,
+        "the first loss comes before any all-reduce: {}",
+        diffs[0]
+    );
     assert!(diffs.iter().all(|&d| d < 0.05), "{diffs:?}");
 }
 
@@ -120,7 +165,10 @@ fn a_run_resumes_with_another_number_of_ranks() {
     // 2 ranks x 3 batches of 8 = 48 images into epoch 0: one process goes on at batch 6.
     let out = convnets(&["train", "--resume", "-o", r]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("the run had 2 rank(s), now 1: continuing epoch 0 at batch 6"), "{err}");
+    assert!(
+        err.contains("the run had 2 rank(s), now 1: continuing epoch 0 at batch 6"),
+        "{err}"
+    );
     let s = summary(&run);
     assert_eq!(s["world_size"], 1);
     // 3 steps on two ranks, then the rest of the epoch's 16 batches on one.
@@ -135,7 +183,12 @@ fn a_rank_that_fails_in_training_stops_the_others_and_is_named() {
     let shard = std::fs::read_dir(&data)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("train"))
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("train")
+        })
         .max_by_key(|p| p.metadata().unwrap().len())
         .expect("a train shard");
     let mut bytes = std::fs::read(&shard).unwrap();
@@ -147,17 +200,29 @@ fn a_rank_that_fails_in_training_stops_the_others_and_is_named() {
     let mut args = vec!["launch", "--nproc", "2", "--"];
     args.extend(train_args(&data, run.to_str().unwrap(), "8"));
     let started = std::time::Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_convnets")).args(&args).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_convnets"))
+        .args(&args)
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
-    assert!(started.elapsed() < std::time::Duration::from_secs(120), "took {:?}: {err}", started.elapsed());
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(120),
+        "took {:?}: {err}",
+        started.elapsed()
+    );
     // The failing rank says which record; the launcher names that rank; the other rank
     // stops because of it instead of waiting in a collective.
     let name = shard.file_name().unwrap().to_string_lossy().to_string();
     assert!(err.contains(&name), "{err}");
-    let failed = (0..2).find(|r| err.contains(&format!("error: rank {r} failed"))).expect(&err);
+    let failed = (0..2)
+        .find(|r| err.contains(&format!("error: rank {r} failed")))
+        .expect(&err);
     let other = 1 - failed;
-    assert!(err.contains(&format!("rank {other} stops: rank {failed} failed")), "{err}");
+    assert!(
+        err.contains(&format!("rank {other} stops: rank {failed} failed")),
+        "{err}"
+    );
 }
 
 #[test]
@@ -172,14 +237,33 @@ fn a_diverging_run_stops_every_rank_with_the_reason() {
     let lr = args.iter().position(|a| *a == "--lr").unwrap() + 1;
     args[lr] = "1e12";
     let started = std::time::Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_convnets")).args(&args).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_convnets"))
+        .args(&args)
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
-    assert!(started.elapsed() < std::time::Duration::from_secs(120), "took {:?}: {err}", started.elapsed());
-    assert!(err.contains("for 5 steps in a row") && err.contains("the run diverged"), "{err}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(120),
+        "took {:?}: {err}",
+        started.elapsed()
+    );
+    assert!(
+        err.contains("for 5 steps in a row") && err.contains("the run diverged"),
+        "{err}"
+    );
     assert!(err.contains("no checkpoint was written before it"), "{err}");
-    assert!((0..2).any(|r| err.contains(&format!("error: rank {r} failed"))), "{err}");
+    assert!(
+        (0..2).any(|r| err.contains(&format!("error: rank {r} failed"))),
+        "{err}"
+    );
     // The log says when it happened: the non-finite losses of the last steps.
-    let losses: Vec<_> = log(&run, "train").iter().map(|l| l["loss"].as_f64()).collect();
-    assert!(losses.len() >= 5 && losses.iter().rev().take(5).all(Option::is_none), "{losses:?}");
+    let losses: Vec<_> = log(&run, "train")
+        .iter()
+        .map(|l| l["loss"].as_f64())
+        .collect();
+    assert!(
+        losses.len() >= 5 && losses.iter().rev().take(5).all(Option::is_none),
+        "{losses:?}"
+    );
 }

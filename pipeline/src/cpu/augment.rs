@@ -50,8 +50,8 @@
 //! # Ok::<(), convnets_pipeline::cpu::augment::AugmentError>(())
 //! ```
 
-use half::{bf16, f16};
 use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
 use serde::{Deserialize, Serialize};
 
 use crate::plan::CropWindow;

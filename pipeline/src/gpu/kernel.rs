@@ -73,8 +73,11 @@ fn ptx(arch: &str) -> Result<cudarc::nvrtc::Ptx> {
         name: Some("augment.cu".into()),
         ..Default::default()
     };
-    compile_ptx_with_opts(SOURCE, opts)
-        .map_err(|e| Error::Cuda(format!("NVRTC could not compile augment.cu for {arch}: {e:?}")))
+    compile_ptx_with_opts(SOURCE, opts).map_err(|e| {
+        Error::Cuda(format!(
+            "NVRTC could not compile augment.cu for {arch}: {e:?}"
+        ))
+    })
 }
 
 pub(crate) struct AugmentKernel {
@@ -127,7 +130,11 @@ impl AugmentKernel {
         };
         let (w, h) = (spec.width as i32, spec.height as i32);
         let cfg = LaunchConfig {
-            grid_dim: ((spec.width).div_ceil(32), (spec.height).div_ceil(8), n as u32),
+            grid_dim: (
+                (spec.width).div_ceil(32),
+                (spec.height).div_ceil(8),
+                n as u32,
+            ),
             block_dim: (32, 8, 1),
             shared_mem_bytes: 0,
         };
@@ -197,7 +204,11 @@ mod tests {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().unwrap();
         let kernel = AugmentKernel::compile(&ctx).unwrap();
-        Gpu { ctx, stream, kernel }
+        Gpu {
+            ctx,
+            stream,
+            kernel,
+        }
     }
 
     fn upload(g: &Gpu, bytes: &[u8]) -> DeviceBuffer {
@@ -207,17 +218,30 @@ mod tests {
     }
 
     /// Runs the kernel for one sample and returns the output bytes.
-    fn run(g: &Gpu, src: SourceLayout, w: u32, h: u32, crop: &CropWindow, edges: WindowEdges, spec: &OutputSpec) -> Vec<u8> {
+    fn run(
+        g: &Gpu,
+        src: SourceLayout,
+        w: u32,
+        h: u32,
+        crop: &CropWindow,
+        edges: WindowEdges,
+        spec: &OutputSpec,
+    ) -> Vec<u8> {
         let x = Span::new(crop.x, crop.width, w, edges).unwrap();
         let y = Span::new(crop.y, crop.height, h, edges).unwrap();
         let p = SampleParams::new(src, x, y, spec, crop.flip);
         let params = upload(g, unsafe {
-            std::slice::from_raw_parts((&p as *const SampleParams).cast::<u8>(), std::mem::size_of::<SampleParams>())
+            std::slice::from_raw_parts(
+                (&p as *const SampleParams).cast::<u8>(),
+                std::mem::size_of::<SampleParams>(),
+            )
         });
         let out = DeviceBuffer::new(&g.ctx, spec.sample_bytes()).unwrap();
         let mut host = vec![0u8; spec.sample_bytes()];
         unsafe {
-            g.kernel.launch(&g.stream, params.ptr(), 1, out.ptr(), spec).unwrap();
+            g.kernel
+                .launch(&g.stream, params.ptr(), 1, out.ptr(), spec)
+                .unwrap();
             cu::memcpy_dtoh_async(&mut host[..], out.ptr(), g.stream.cu_stream()).unwrap();
         }
         g.stream.synchronize().unwrap();
@@ -225,9 +249,18 @@ mod tests {
     }
 
     fn crops(w: u32, h: u32) -> Vec<(CropWindow, WindowEdges)> {
-        let c = |x, y, width, height, flip| CropWindow { x, y, width, height, flip };
+        let c = |x, y, width, height, flip| CropWindow {
+            x,
+            y,
+            width,
+            height,
+            flip,
+        };
         vec![
-            (c(0.0, 0.0, f64::from(w), f64::from(h), false), WindowEdges::Crop),
+            (
+                c(0.0, 0.0, f64::from(w), f64::from(h), false),
+                WindowEdges::Crop,
+            ),
             (c(10.0, 7.0, 20.0, 15.0, false), WindowEdges::Crop), // upscale
             (c(31.4, 12.7, 200.3, 150.9, true), WindowEdges::Crop), // fractional, flipped
             (c(100.0, 50.0, 150.0, 40.0, false), WindowEdges::Crop), // squashed
@@ -264,15 +297,32 @@ mod tests {
                 .crop_resize_into(&img, w, h, &crop, &spec, &mut cpu)
                 .unwrap();
             let layouts = [
-                SourceLayout { src: inter.ptr(), plane: 1, xstride: 3, pitch: 3 * w as i32 },
-                SourceLayout { src: plan.ptr(), plane: i64::from(w * h), xstride: 1, pitch: w as i32 },
+                SourceLayout {
+                    src: inter.ptr(),
+                    plane: 1,
+                    xstride: 3,
+                    pitch: 3 * w as i32,
+                },
+                SourceLayout {
+                    src: plan.ptr(),
+                    plane: i64::from(w * h),
+                    xstride: 1,
+                    pitch: w as i32,
+                },
             ];
             for src in layouts {
                 let gpu = run(&g, src, w, h, &crop, edges, &spec);
-                let diffs: Vec<i32> = cpu.iter().zip(&gpu).map(|(&a, &b)| (i32::from(a) - i32::from(b)).abs()).collect();
+                let diffs: Vec<i32> = cpu
+                    .iter()
+                    .zip(&gpu)
+                    .map(|(&a, &b)| (i32::from(a) - i32::from(b)).abs())
+                    .collect();
                 let max = *diffs.iter().max().unwrap();
                 let mean = diffs.iter().sum::<i32>() as f64 / diffs.len() as f64;
-                println!("{crop:?} {edges:?} plane {}: max |gpu - cpu| {max}, mean {mean:.4}", src.plane);
+                println!(
+                    "{crop:?} {edges:?} plane {}: max |gpu - cpu| {max}, mean {mean:.4}",
+                    src.plane
+                );
                 // One rounding (GPU) against two (Pillow's passes) and float against
                 // 22-bit fixed point: a level, rarely two.
                 assert!(max <= 2 && mean < 0.25, "{crop:?}: max {max}, mean {mean}");
@@ -286,8 +336,19 @@ mod tests {
         let (w, h) = (160u32, 120u32);
         let img = image(w, h);
         let inter = upload(&g, &img);
-        let src = SourceLayout { src: inter.ptr(), plane: 1, xstride: 3, pitch: 3 * w as i32 };
-        let crop = CropWindow { x: 5.5, y: 3.0, width: 120.0, height: 100.0, flip: true };
+        let src = SourceLayout {
+            src: inter.ptr(),
+            plane: 1,
+            xstride: 3,
+            pitch: 3 * w as i32,
+        };
+        let crop = CropWindow {
+            x: 5.5,
+            y: 3.0,
+            width: 120.0,
+            height: 100.0,
+            flip: true,
+        };
         for (dtype, layout) in [
             (OutputDtype::F32, Layout::Nchw),
             (OutputDtype::F32, Layout::Nhwc),
@@ -295,24 +356,52 @@ mod tests {
             (OutputDtype::F16, Layout::Nchw),
             (OutputDtype::Bf16, Layout::Nhwc),
         ] {
-            let spec = OutputSpec { width: 56, height: 40, dtype, layout, normalize: Some(Normalize::default()) };
+            let spec = OutputSpec {
+                width: 56,
+                height: 40,
+                dtype,
+                layout,
+                normalize: Some(Normalize::default()),
+            };
             let mut cpu = vec![0u8; spec.sample_bytes()];
-            Augmenter::new().crop_resize_into(&img, w, h, &crop, &spec, &mut cpu).unwrap();
+            Augmenter::new()
+                .crop_resize_into(&img, w, h, &crop, &spec, &mut cpu)
+                .unwrap();
             let gpu = run(&g, src, w, h, &crop, WindowEdges::Crop, &spec);
             let values = |b: &[u8]| -> Vec<f32> {
                 match dtype {
-                    OutputDtype::F32 => b.chunks_exact(4).map(|c| f32::from_ne_bytes(c.try_into().unwrap())).collect(),
-                    OutputDtype::Bf16 => b.chunks_exact(2).map(|c| half::bf16::from_ne_bytes(c.try_into().unwrap()).to_f32()).collect(),
-                    _ => b.chunks_exact(2).map(|c| half::f16::from_ne_bytes(c.try_into().unwrap()).to_f32()).collect(),
+                    OutputDtype::F32 => b
+                        .chunks_exact(4)
+                        .map(|c| f32::from_ne_bytes(c.try_into().unwrap()))
+                        .collect(),
+                    OutputDtype::Bf16 => b
+                        .chunks_exact(2)
+                        .map(|c| half::bf16::from_ne_bytes(c.try_into().unwrap()).to_f32())
+                        .collect(),
+                    _ => b
+                        .chunks_exact(2)
+                        .map(|c| half::f16::from_ne_bytes(c.try_into().unwrap()).to_f32())
+                        .collect(),
                 }
             };
             let (c, gv) = (values(&cpu), values(&gpu));
-            let max = c.iter().zip(&gv).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            let max = c
+                .iter()
+                .zip(&gv)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
             println!("{dtype:?} {layout:?}: max |gpu - cpu| {max}");
             // Two u8 levels over the smallest std (0.224), plus f16 rounding near 2.6
             // (bf16: both sides round the same values to 8 bits, one step is 2^-6 there).
-            let rounding = if dtype == OutputDtype::Bf16 { 0.016 } else { 0.005 };
-            assert!(max <= 2.0 / 255.0 / 0.224 + rounding, "{dtype:?} {layout:?}: {max}");
+            let rounding = if dtype == OutputDtype::Bf16 {
+                0.016
+            } else {
+                0.005
+            };
+            assert!(
+                max <= 2.0 / 255.0 / 0.224 + rounding,
+                "{dtype:?} {layout:?}: {max}"
+            );
         }
     }
 }

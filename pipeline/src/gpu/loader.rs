@@ -37,8 +37,8 @@ use super::nvjpeg::{BatchDecoder, Library, Target};
 use crate::cpu::augment::{Layout, OutputDtype, OutputSpec, Span};
 use crate::cpu::decode::{CpuDecoder, DecodeLimits, RgbImage};
 use crate::loader::{
-    record_error, sampler_for, BadRecordPolicy, Batch, Counters, GpuOptions, InOrder, LoaderConfig, LoaderState,
-    LoaderStats, Position, Sequenced, SkippedRecord, Transform,
+    record_error, sampler_for, BadRecordPolicy, Batch, Counters, GpuOptions, InOrder, LoaderConfig,
+    LoaderState, LoaderStats, Position, Sequenced, SkippedRecord, Transform,
 };
 use crate::plan::CropWindow;
 use crate::sampler::{sample_seed, PlannedBatch, Sample, Sampler};
@@ -126,7 +126,9 @@ impl GpuLoader {
         let batches_per_epoch = sampler.batches_per_epoch();
         if let Some(share) = opts.hardware_share {
             if !(0.0..=1.0).contains(&share) {
-                return Err(Error::Config(format!("hardware share {share} is not between 0 and 1")));
+                return Err(Error::Config(format!(
+                    "hardware share {share} is not between 0 and 1"
+                )));
             }
         }
         if let Some(n) = &cfg.output.normalize {
@@ -139,7 +141,8 @@ impl GpuLoader {
         }
         if !tch::Cuda::is_available() {
             return Err(Error::Cuda(
-                "libtorch sees no CUDA device (no GPU, no driver, or libtorch_cuda not linked)".into(),
+                "libtorch sees no CUDA device (no GPU, no driver, or libtorch_cuda not linked)"
+                    .into(),
             ));
         }
         let devices = tch::Cuda::device_count() as usize;
@@ -154,7 +157,8 @@ impl GpuLoader {
         // event tracking would only add synchronisation.
         // SAFETY: no slices exist yet; ordering is handled as the module docs say.
         unsafe { ctx.disable_event_tracking() };
-        ctx.bind_to_thread().map_err(|e| cuda("binding the context", e))?;
+        ctx.bind_to_thread()
+            .map_err(|e| cuda("binding the context", e))?;
         let kernel = Arc::new(AugmentKernel::compile(&ctx)?);
         // The hardware decoder is optional: without JPEG engines everything goes to the
         // CPU threads (and the stats say so).
@@ -163,7 +167,11 @@ impl GpuLoader {
         } else {
             None
         };
-        let lanes = if opts.lanes == 0 { DEFAULT_LANES } else { opts.lanes };
+        let lanes = if opts.lanes == 0 {
+            DEFAULT_LANES
+        } else {
+            opts.lanes
+        };
         // The lanes keep a core each busy feeding the hardware decoder.
         let cpu_threads = if cfg.threads == 0 {
             cfg.cores().saturating_sub(lanes).max(1)
@@ -215,7 +223,10 @@ impl GpuLoader {
         )?);
         for (i, lane) in lane_list.into_iter().enumerate() {
             let (jobs, ready) = (job_rx.clone(), ready_tx.clone());
-            threads.push(spawn(format!("gpu-loader-lane-{i}"), Box::new(move || lane.run(jobs, ready)))?);
+            threads.push(spawn(
+                format!("gpu-loader-lane-{i}"),
+                Box::new(move || lane.run(jobs, ready)),
+            )?);
         }
         for i in 0..cpu_threads {
             let (jobs, limits, counters) = (
@@ -235,7 +246,11 @@ impl GpuLoader {
         let output_bytes = (lanes + cfg.prefetch.max(1) + 2) as u64 * batch as u64 * sample_bytes;
         Ok(Self {
             null_stream,
-            batches: InOrder::new(ready_rx, Position::new(state, batches_per_epoch), "GPU loader threads stopped"),
+            batches: InOrder::new(
+                ready_rx,
+                Position::new(state, batches_per_epoch),
+                "GPU loader threads stopped",
+            ),
             stop: Some(stop_tx),
             threads,
             counters,
@@ -269,15 +284,23 @@ impl GpuLoader {
             return Err(cuda("ordering the batch before libtorch's work", e));
         }
         let n = f.samples.len() as u64;
-        self.counters.skipped.fetch_add(f.skipped_records.len() as u64, Ordering::Relaxed);
+        self.counters
+            .skipped
+            .fetch_add(f.skipped_records.len() as u64, Ordering::Relaxed);
         self.skipped.append(&mut f.skipped_records);
         self.counters.batches.fetch_add(1, Ordering::Relaxed);
         self.counters.samples.fetch_add(n, Ordering::Relaxed);
-        Ok(Batch::owned(images, labels, f.epoch, f.index, f.samples, f.skipped))
+        Ok(Batch::owned(
+            images, labels, f.epoch, f.index, f.samples, f.skipped,
+        ))
     }
 
     pub fn stats(&self) -> LoaderStats {
-        let lanes: u64 = self.lane_bytes.iter().map(|b| b.load(Ordering::Relaxed)).sum();
+        let lanes: u64 = self
+            .lane_bytes
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .sum();
         self.counters
             .gpu_buffer_bytes
             .store(lanes + self.output_bytes, Ordering::Relaxed);
@@ -311,7 +334,12 @@ impl Drop for GpuLoader {
     }
 }
 
-fn plan_batches(sampler: Sampler, start: LoaderState, jobs: Sender<PlannedBatch>, stop: Receiver<()>) {
+fn plan_batches(
+    sampler: Sampler,
+    start: LoaderState,
+    jobs: Sender<PlannedBatch>,
+    stop: Receiver<()>,
+) {
     for job in sampler.batches_from(start.epoch, start.batch) {
         crossbeam::select! {
             send(jobs, job) -> r => if r.is_err() { return },
@@ -347,7 +375,13 @@ fn cpu_decode_worker(jobs: Receiver<CpuJob>, limits: DecodeLimits, counters: Arc
         let result = match decoder.as_mut() {
             None => Err("the CPU JPEG decoder could not start".to_string()),
             Some(d) if job.train => d
-                .decode_for_crop(&job.record.data, &job.crop, job.out.0, job.out.1, &mut image)
+                .decode_for_crop(
+                    &job.record.data,
+                    &job.crop,
+                    job.out.0,
+                    job.out.1,
+                    &mut image,
+                )
                 .map_err(|e| e.to_string()),
             Some(d) => d
                 .decode_full(&job.record.data, &mut image)
@@ -357,7 +391,9 @@ fn cpu_decode_worker(jobs: Receiver<CpuJob>, limits: DecodeLimits, counters: Arc
         counters
             .decode_ns
             .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        let _ = job.reply.send((job.pos, result.map(|window| (image, window))));
+        let _ = job
+            .reply
+            .send((job.pos, result.map(|window| (image, window))));
     }
 }
 
@@ -527,7 +563,8 @@ impl Lane {
         skipped_records: &mut Vec<SkippedRecord>,
     ) -> Result<(Tensor, Tensor, CudaEvent)> {
         if let Some(ev) = self.uploaded.take() {
-            ev.synchronize().map_err(|e| cuda("waiting for the previous upload", e))?;
+            ev.synchronize()
+                .map_err(|e| cuda("waiting for the previous upload", e))?;
         }
         if let Some((start, end)) = self.kernel_timing.take() {
             if let Ok(ms) = start.elapsed_ms(&end) {
@@ -562,7 +599,15 @@ impl Lane {
             let record = match record {
                 Ok(r) => r,
                 Err(e) => {
-                    fail(self.cfg.on_bad_record, epoch, sample, record_error(self.source.as_ref(), index, e), skipped, skipped_records, pos)?;
+                    fail(
+                        self.cfg.on_bad_record,
+                        epoch,
+                        sample,
+                        record_error(self.source.as_ref(), index, e),
+                        skipped,
+                        skipped_records,
+                        pos,
+                    )?;
                     planned.push(failed_plan());
                     continue;
                 }
@@ -577,7 +622,15 @@ impl Lane {
                 match self.header.header(&record.data) {
                     Ok(wh) => wh,
                     Err(e) => {
-                        fail(self.cfg.on_bad_record, epoch, sample, record_error(self.source.as_ref(), index, e), skipped, skipped_records, pos)?;
+                        fail(
+                            self.cfg.on_bad_record,
+                            epoch,
+                            sample,
+                            record_error(self.source.as_ref(), index, e),
+                            skipped,
+                            skipped_records,
+                            pos,
+                        )?;
                         planned.push(failed_plan());
                         continue;
                     }
@@ -585,18 +638,34 @@ impl Lane {
             };
             if u64::from(w) * u64::from(h) > self.cfg.max_pixels {
                 let e = format!("{w}x{h} image has more than {} pixels", self.cfg.max_pixels);
-                fail(self.cfg.on_bad_record, epoch, sample, record_error(self.source.as_ref(), index, e), skipped, skipped_records, pos)?;
+                fail(
+                    self.cfg.on_bad_record,
+                    epoch,
+                    sample,
+                    record_error(self.source.as_ref(), index, e),
+                    skipped,
+                    skipped_records,
+                    pos,
+                )?;
                 planned.push(failed_plan());
                 continue;
             }
             let crop = match &self.cfg.transform {
-                Transform::Train(rrc) => rrc.plan(w, h, sample_seed(self.cfg.sampler.seed, epoch, sample.index)),
+                Transform::Train(rrc) => rrc.plan(
+                    w,
+                    h,
+                    sample_seed(self.cfg.sampler.seed, epoch, sample.index),
+                ),
                 Transform::Eval(cc) => cc.plan(w, h),
             };
             // A fixed draw per (seed, epoch, record): the same images take the same path
             // whichever lane gets the batch, so a run repeats exactly.
             let to_hardware = self.hardware_share >= 1.0
-                || unit(sample_seed(self.cfg.sampler.seed ^ ROUTE_SALT, epoch, sample.index)) < self.hardware_share;
+                || unit(sample_seed(
+                    self.cfg.sampler.seed ^ ROUTE_SALT,
+                    epoch,
+                    sample.index,
+                )) < self.hardware_share;
             let hw = if to_hardware {
                 self.hardware_plan(&record, w, h, &crop, &mut arena_len)
             } else {
@@ -634,7 +703,10 @@ impl Lane {
                     })
                 })
                 .collect();
-            let decoder = self.decoder.as_mut().expect("hardware plans need a decoder");
+            let decoder = self
+                .decoder
+                .as_mut()
+                .expect("hardware plans need a decoder");
             let th = Instant::now();
             // SAFETY: the records' bytes live in `planned` until this returns; the planes
             // lie within the arena, which only this lane's stream uses.
@@ -683,13 +755,22 @@ impl Lane {
                 Ok(image) => planned[pos].cpu = Some(image),
                 Err(e) => {
                     let index = samples[pos].index as usize;
-                    fail(self.cfg.on_bad_record, epoch, &samples[pos], record_error(self.source.as_ref(), index, e), skipped, skipped_records, pos)?;
+                    fail(
+                        self.cfg.on_bad_record,
+                        epoch,
+                        &samples[pos],
+                        record_error(self.source.as_ref(), index, e),
+                        skipped,
+                        skipped_records,
+                        pos,
+                    )?;
                 }
             }
         }
-        self.counters
-            .decoded_cpu
-            .fetch_add(planned.iter().filter(|p| p.cpu.is_some()).count() as u64, Ordering::Relaxed);
+        self.counters.decoded_cpu.fetch_add(
+            planned.iter().filter(|p| p.cpu.is_some()).count() as u64,
+            Ordering::Relaxed,
+        );
         let t1 = Instant::now();
         self.counters
             .decode_ns
@@ -736,8 +817,19 @@ impl Lane {
                     (Some(x), Some(y)) => Some(SampleParams::new(src, x, y, &out, window.flip)),
                     _ => {
                         let index = samples[pos].index as usize;
-                        let e = format!("crop {window:?} lies outside the {}x{} image", img.width, img.height);
-                        fail(self.cfg.on_bad_record, epoch, &samples[pos], record_error(self.source.as_ref(), index, e), skipped, skipped_records, pos)?;
+                        let e = format!(
+                            "crop {window:?} lies outside the {}x{} image",
+                            img.width, img.height
+                        );
+                        fail(
+                            self.cfg.on_bad_record,
+                            epoch,
+                            &samples[pos],
+                            record_error(self.source.as_ref(), index, e),
+                            skipped,
+                            skipped_records,
+                            pos,
+                        )?;
                         None
                     }
                 }
@@ -809,8 +901,13 @@ impl Lane {
         // SAFETY: parameters and sources are on the device (queued on this stream above);
         // the tensors hold `n` samples and labels.
         unsafe {
-            self.kernel
-                .launch(&self.stream, self.params_dev.ptr(), n, images.data_ptr() as u64, &out)?;
+            self.kernel.launch(
+                &self.stream,
+                self.params_dev.ptr(),
+                n,
+                images.data_ptr() as u64,
+                &out,
+            )?;
             cu::memcpy_htod_async(labels_dev.data_ptr() as u64, &labels[..n], stream)
                 .map_err(|e| cuda("uploading labels", e))?;
         }

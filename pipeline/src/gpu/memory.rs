@@ -34,7 +34,9 @@ impl DeviceBuffer {
     }
 
     fn alloc(&mut self, len: usize) -> Result<()> {
-        self.ctx.bind_to_thread().map_err(|e| cuda("binding the context", e))?;
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| cuda("binding the context", e))?;
         // SAFETY: a fresh allocation of `len.max(1)` bytes.
         self.ptr = unsafe { result::malloc_sync(len.max(1)) }
             .map_err(|e| cuda(&format!("allocating {len} bytes of GPU memory"), e))?;
@@ -56,7 +58,9 @@ impl DeviceBuffer {
         if len <= self.len {
             return Ok(false);
         }
-        stream.synchronize().map_err(|e| cuda("waiting for the lane's stream", e))?;
+        stream
+            .synchronize()
+            .map_err(|e| cuda("waiting for the lane's stream", e))?;
         self.free();
         self.alloc(len + len / 4)?;
         Ok(true)
@@ -103,7 +107,9 @@ impl<T: Copy> PinnedBuffer<T> {
     }
 
     fn alloc(&mut self, len: usize) -> Result<()> {
-        self.ctx.bind_to_thread().map_err(|e| cuda("binding the context", e))?;
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| cuda("binding the context", e))?;
         let bytes = len.max(1) * std::mem::size_of::<T>();
         // SAFETY: a fresh allocation; flags 0 = cached, not write-combined.
         let ptr = unsafe { result::malloc_host(bytes, 0) }
@@ -125,7 +131,11 @@ impl<T: Copy> PinnedBuffer<T> {
 
     /// The first `len` elements (after `reserve(len)`), uninitialised contents included.
     pub fn slice_mut(&mut self, len: usize) -> &mut [T] {
-        assert!(len <= self.len, "pinned buffer of {} used for {len}", self.len);
+        assert!(
+            len <= self.len,
+            "pinned buffer of {} used for {len}",
+            self.len
+        );
         // SAFETY: `len` elements were allocated; `T: Copy` with any bit pattern written
         // before it is read (the lanes write what they then copy).
         unsafe { std::slice::from_raw_parts_mut(self.ptr, len) }

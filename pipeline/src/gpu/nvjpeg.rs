@@ -131,7 +131,12 @@ impl BatchDecoder {
         unsafe {
             check(
                 "nvjpegJpegStreamParseHeader",
-                nvjpegJpegStreamParseHeader(self.lib.handle, jpeg.as_ptr(), jpeg.len(), self.stream),
+                nvjpegJpegStreamParseHeader(
+                    self.lib.handle,
+                    jpeg.as_ptr(),
+                    jpeg.len(),
+                    self.stream,
+                ),
             )?;
             set_roi(p, roi)?;
             check(
@@ -150,7 +155,11 @@ impl BatchDecoder {
     /// Every target's data must stay readable until this returns, and its planes must be
     /// device memory of at least `pitch * roi height` bytes each, not otherwise in use
     /// until `stream` has passed this point.
-    pub unsafe fn decode(&mut self, targets: &[Target], stream: *mut std::ffi::c_void) -> Result<()> {
+    pub unsafe fn decode(
+        &mut self,
+        targets: &[Target],
+        stream: *mut std::ffi::c_void,
+    ) -> Result<()> {
         if targets.is_empty() {
             return Ok(());
         }
@@ -209,7 +218,10 @@ impl BatchDecoder {
 unsafe fn set_roi(p: nvjpegDecodeParams_t, roi: Option<(i32, i32, i32, i32)>) -> Result<()> {
     // nvJPEG's "whole image" is (0, 0, -1, -1).
     let (x, y, w, h) = roi.unwrap_or((0, 0, -1, -1));
-    check("nvjpegDecodeParamsSetROI", nvjpegDecodeParamsSetROI(p, x, y, w, h))
+    check(
+        "nvjpegDecodeParamsSetROI",
+        nvjpegDecodeParamsSetROI(p, x, y, w, h),
+    )
 }
 
 impl Drop for BatchDecoder {
@@ -242,7 +254,13 @@ mod tests {
 
     /// A smooth photo-like image, or (`edges`) one with a sharp colour checkerboard, the
     /// worst case for chroma upsampling.
-    fn jpeg_of(w: u16, h: u16, sampling: SamplingFactor, progressive: bool, edges: bool) -> Vec<u8> {
+    fn jpeg_of(
+        w: u16,
+        h: u16,
+        sampling: SamplingFactor,
+        progressive: bool,
+        edges: bool,
+    ) -> Vec<u8> {
         let mut rgb = Vec::with_capacity(usize::from(w) * usize::from(h) * 3);
         for y in 0..u32::from(h) {
             for x in 0..u32::from(w) {
@@ -284,7 +302,10 @@ mod tests {
         let mut offset = 0u64;
         let mut targets = Vec::new();
         for ((data, roi, (w, _)), size) in jpegs.iter().zip(&sizes) {
-            assert!(dec.supports(data, *roi).unwrap(), "hardware should take this JPEG");
+            assert!(
+                dec.supports(data, *roi).unwrap(),
+                "hardware should take this JPEG"
+            );
             let at = arena.ptr() + offset;
             targets.push(Target {
                 data: data.as_ptr(),
@@ -303,14 +324,22 @@ mod tests {
         let mut at = 0;
         for size in sizes {
             let planes = &host[at..at + 3 * size];
-            out.push((0..size).flat_map(|i| [planes[i], planes[size + i], planes[2 * size + i]]).collect());
+            out.push(
+                (0..size)
+                    .flat_map(|i| [planes[i], planes[size + i], planes[2 * size + i]])
+                    .collect(),
+            );
             at += 3 * size;
         }
         out
     }
 
     fn compare(name: &str, hw: &[u8], cpu: &[u8]) -> (f64, i32) {
-        let diffs: Vec<i32> = hw.iter().zip(cpu).map(|(&a, &b)| (i32::from(a) - i32::from(b)).abs()).collect();
+        let diffs: Vec<i32> = hw
+            .iter()
+            .zip(cpu)
+            .map(|(&a, &b)| (i32::from(a) - i32::from(b)).abs())
+            .collect();
         let mean = diffs.iter().sum::<i32>() as f64 / diffs.len() as f64;
         let max = *diffs.iter().max().unwrap();
         println!("{name}: mean |hardware - libjpeg-turbo| {mean:.3}, max {max}");
@@ -328,16 +357,28 @@ mod tests {
         let mut jpegs = Vec::new();
         for edges in [false, true] {
             for &(w, h, s) in &cases {
-                jpegs.push((jpeg_of(w, h, s, false, edges), None, (usize::from(w), usize::from(h))));
+                jpegs.push((
+                    jpeg_of(w, h, s, false, edges),
+                    None,
+                    (usize::from(w), usize::from(h)),
+                ));
             }
         }
         let hw = hardware_decode(&jpegs);
         let mut cpu = CpuDecoder::new(DecodeLimits::default()).unwrap();
         for (i, ((data, _, (w, h)), hw)) in jpegs.iter().zip(&hw).enumerate() {
             let edges = i >= cases.len();
-            let mut img = RgbImage { width: 0, height: 0, data: Vec::new() };
+            let mut img = RgbImage {
+                width: 0,
+                height: 0,
+                data: Vec::new(),
+            };
             cpu.decode_full(data, &mut img).unwrap();
-            let name = format!("{w}x{h} {:?}{}", cases[i % cases.len()].2, if edges { ", colour edges" } else { "" });
+            let name = format!(
+                "{w}x{h} {:?}{}",
+                cases[i % cases.len()].2,
+                if edges { ", colour edges" } else { "" }
+            );
             let (mean, max) = compare(&name, hw, &img.data);
             // Different IDCTs and chroma upsampling (libjpeg-turbo's is "fancy"): small
             // differences on smooth content, larger at sharp colour edges.
@@ -350,9 +391,19 @@ mod tests {
     fn region_of_interest_decodes_the_same_pixels_as_a_full_decode() {
         let data = jpeg(400, 300, SamplingFactor::R_4_2_0, false);
         let roi = (37, 21, 150, 111);
-        let hw = hardware_decode(&[(data.clone(), Some(roi), (150, 111)), (data.clone(), None, (400, 300))]);
-        let (x, y, w, h) = (roi.0 as usize, roi.1 as usize, roi.2 as usize, roi.3 as usize);
-        let cut: Vec<u8> = (y..y + h).flat_map(|r| hw[1][(r * 400 + x) * 3..(r * 400 + x + w) * 3].to_vec()).collect();
+        let hw = hardware_decode(&[
+            (data.clone(), Some(roi), (150, 111)),
+            (data.clone(), None, (400, 300)),
+        ]);
+        let (x, y, w, h) = (
+            roi.0 as usize,
+            roi.1 as usize,
+            roi.2 as usize,
+            roi.3 as usize,
+        );
+        let cut: Vec<u8> = (y..y + h)
+            .flat_map(|r| hw[1][(r * 400 + x) * 3..(r * 400 + x + w) * 3].to_vec())
+            .collect();
         let (mean, max) = compare("roi vs full", &hw[0], &cut);
         assert!(mean < 0.5 && max <= 16, "mean {mean}, max {max}");
     }
@@ -362,8 +413,12 @@ mod tests {
         let ctx = CudaContext::new(0).expect("a CUDA device");
         ctx.bind_to_thread().unwrap();
         let mut dec = BatchDecoder::new(Library::hardware().unwrap(), 1).unwrap();
-        assert!(dec.supports(&jpeg(64, 48, SamplingFactor::R_4_2_0, false), None).unwrap());
-        assert!(!dec.supports(&jpeg(64, 48, SamplingFactor::R_4_2_0, true), None).unwrap());
+        assert!(dec
+            .supports(&jpeg(64, 48, SamplingFactor::R_4_2_0, false), None)
+            .unwrap());
+        assert!(!dec
+            .supports(&jpeg(64, 48, SamplingFactor::R_4_2_0, true), None)
+            .unwrap());
         assert!(dec.supports(b"\xFF\xD8 not a jpeg", None).is_err());
     }
 }

@@ -97,32 +97,47 @@ impl DistEnv {
         let number = |name: &str| -> anyhow::Result<Option<usize>> {
             match get(name) {
                 None => Ok(None),
-                Some(v) => v
-                    .trim()
-                    .parse()
-                    .map(Some)
-                    .map_err(|_| anyhow!("{name}={v:?} is not a whole number ({} process group)", source.name)),
+                Some(v) => v.trim().parse().map(Some).map_err(|_| {
+                    anyhow!(
+                        "{name}={v:?} is not a whole number ({} process group)",
+                        source.name
+                    )
+                }),
             }
         };
         let required = |name: &str| -> anyhow::Result<usize> {
             number(name)?.with_context(|| {
-                format!("{} is set but {name} is not ({} process group)", source.world_size, source.name)
+                format!(
+                    "{} is set but {name} is not ({} process group)",
+                    source.world_size, source.name
+                )
             })
         };
 
         let world_size = required(source.world_size)?;
         match world_size {
-            0 => bail!("{}=0: a process group has at least one process", source.world_size),
+            0 => bail!(
+                "{}=0: a process group has at least one process",
+                source.world_size
+            ),
             1 => return Ok(None),
             _ => {}
         }
         let rank = required(source.rank)?;
         if rank >= world_size {
-            bail!("{}={rank} is not below {}={world_size}", source.rank, source.world_size);
+            bail!(
+                "{}={rank} is not below {}={world_size}",
+                source.rank,
+                source.world_size
+            );
         }
         let local_rank = required(source.local_rank)?;
         if local_rank >= world_size {
-            bail!("{}={local_rank} is not below {}={world_size}", source.local_rank, source.world_size);
+            bail!(
+                "{}={local_rank} is not below {}={world_size}",
+                source.local_rank,
+                source.world_size
+            );
         }
         let local_world_size = match source.local_world_size {
             Some(name) => number(name)?.map(|n| (name, n)),
@@ -130,14 +145,18 @@ impl DistEnv {
         };
         if let Some((name, n)) = local_world_size {
             if n == 0 || n > world_size {
-                bail!("{name}={n} must be between 1 and {}={world_size}", source.world_size);
+                bail!(
+                    "{name}={n} must be between 1 and {}={world_size}",
+                    source.world_size
+                );
             }
             if local_rank >= n {
                 bail!("{}={local_rank} is not below {name}={n}", source.local_rank);
             }
         }
 
-        let all_local = source.local_default_addr && local_world_size.is_some_and(|(_, n)| n == world_size);
+        let all_local =
+            source.local_default_addr && local_world_size.is_some_and(|(_, n)| n == world_size);
         let master_addr = match get("MASTER_ADDR") {
             Some(a) if a.trim().is_empty() => bail!("MASTER_ADDR is empty"),
             Some(a) => a.trim().to_string(),
@@ -157,7 +176,14 @@ impl DistEnv {
             },
         };
         let local_world_size = local_world_size.map(|(_, n)| n);
-        Ok(Some(DistEnv { rank, world_size, local_rank, local_world_size, master_addr, master_port }))
+        Ok(Some(DistEnv {
+            rank,
+            world_size,
+            local_rank,
+            local_world_size,
+            master_addr,
+            master_port,
+        }))
     }
 }
 
@@ -168,7 +194,10 @@ mod tests {
     use super::*;
 
     fn parse(vars: &[(&str, &str)]) -> anyhow::Result<Option<DistEnv>> {
-        let vars: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let vars: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         DistEnv::from_vars(|k| vars.get(k).cloned())
     }
 
@@ -179,36 +208,74 @@ mod tests {
         }
     }
 
-    fn env(rank: usize, world_size: usize, local_rank: usize, addr: &str, port: u16) -> Option<DistEnv> {
-        Some(DistEnv { rank, world_size, local_rank, local_world_size: None, master_addr: addr.into(), master_port: port })
+    fn env(
+        rank: usize,
+        world_size: usize,
+        local_rank: usize,
+        addr: &str,
+        port: u16,
+    ) -> Option<DistEnv> {
+        Some(DistEnv {
+            rank,
+            world_size,
+            local_rank,
+            local_world_size: None,
+            master_addr: addr.into(),
+            master_port: port,
+        })
     }
 
     fn with_local(env: Option<DistEnv>, n: usize) -> Option<DistEnv> {
-        env.map(|e| DistEnv { local_world_size: Some(n), ..e })
+        env.map(|e| DistEnv {
+            local_world_size: Some(n),
+            ..e
+        })
     }
 
     #[test]
     fn no_group_without_variables_or_with_one_process() -> anyhow::Result<()> {
         assert_eq!(parse(&[])?, None);
         assert_eq!(parse(&[("WORLD_SIZE", "1"), ("RANK", "0")])?, None);
-        assert_eq!(parse(&[("SLURM_NTASKS", "1"), ("SLURM_PROCID", "0")])?, None);
+        assert_eq!(
+            parse(&[("SLURM_NTASKS", "1"), ("SLURM_PROCID", "0")])?,
+            None
+        );
         assert_eq!(parse(&[("OMPI_COMM_WORLD_SIZE", "1")])?, None);
         Ok(())
     }
 
     #[test]
     fn torchrun_variables() -> anyhow::Result<()> {
-        let vars = [("RANK", "3"), ("WORLD_SIZE", "8"), ("LOCAL_RANK", "1"), ("LOCAL_WORLD_SIZE", "2"),
-            ("MASTER_ADDR", "node0"), ("MASTER_PORT", "1234")];
+        let vars = [
+            ("RANK", "3"),
+            ("WORLD_SIZE", "8"),
+            ("LOCAL_RANK", "1"),
+            ("LOCAL_WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "node0"),
+            ("MASTER_PORT", "1234"),
+        ];
         assert_eq!(parse(&vars)?, with_local(env(3, 8, 1, "node0", 1234), 2));
         Ok(())
     }
 
     #[test]
     fn master_addr_defaults_only_when_every_rank_is_local() -> anyhow::Result<()> {
-        let local = [("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1"), ("LOCAL_WORLD_SIZE", "2")];
-        assert_eq!(parse(&local)?, with_local(env(1, 2, 1, "127.0.0.1", DEFAULT_MASTER_PORT), 2));
-        let e = error(&[("RANK", "1"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "1"), ("LOCAL_WORLD_SIZE", "2")]);
+        let local = [
+            ("RANK", "1"),
+            ("WORLD_SIZE", "2"),
+            ("LOCAL_RANK", "1"),
+            ("LOCAL_WORLD_SIZE", "2"),
+        ];
+        assert_eq!(
+            parse(&local)?,
+            with_local(env(1, 2, 1, "127.0.0.1", DEFAULT_MASTER_PORT), 2)
+        );
+        let e = error(&[
+            ("RANK", "1"),
+            ("WORLD_SIZE", "4"),
+            ("LOCAL_RANK", "1"),
+            ("LOCAL_WORLD_SIZE", "2"),
+        ]);
         assert!(e.contains("MASTER_ADDR is not set"), "{e}");
         let e = error(&[("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1")]);
         assert!(e.contains("MASTER_ADDR is not set"), "{e}");
@@ -217,50 +284,128 @@ mod tests {
 
     #[test]
     fn slurm_variables_need_master_addr() -> anyhow::Result<()> {
-        let slurm = [("SLURM_PROCID", "5"), ("SLURM_NTASKS", "16"), ("SLURM_LOCALID", "1")];
+        let slurm = [
+            ("SLURM_PROCID", "5"),
+            ("SLURM_NTASKS", "16"),
+            ("SLURM_LOCALID", "1"),
+        ];
         let e = error(&slurm);
-        assert!(e.contains("SLURM_NTASKS=16") && e.contains("MASTER_ADDR is not set"), "{e}");
+        assert!(
+            e.contains("SLURM_NTASKS=16") && e.contains("MASTER_ADDR is not set"),
+            "{e}"
+        );
         let with_addr = [&slurm[..], &[("MASTER_ADDR", "gpu-017")]].concat();
-        assert_eq!(parse(&with_addr)?, env(5, 16, 1, "gpu-017", DEFAULT_MASTER_PORT));
+        assert_eq!(
+            parse(&with_addr)?,
+            env(5, 16, 1, "gpu-017", DEFAULT_MASTER_PORT)
+        );
         // torchrun's variables win over SLURM's (torchrun started inside an srun step).
-        let both = [&with_addr[..], &[("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")]].concat();
+        let both = [
+            &with_addr[..],
+            &[("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")],
+        ]
+        .concat();
         assert_eq!(parse(&both)?, env(0, 2, 0, "gpu-017", DEFAULT_MASTER_PORT));
         let per_node = [&with_addr[..], &[("SLURM_NTASKS_PER_NODE", "4")]].concat();
-        assert_eq!(parse(&per_node)?, with_local(env(5, 16, 1, "gpu-017", DEFAULT_MASTER_PORT), 4));
+        assert_eq!(
+            parse(&per_node)?,
+            with_local(env(5, 16, 1, "gpu-017", DEFAULT_MASTER_PORT), 4)
+        );
         Ok(())
     }
 
     #[test]
     fn open_mpi_variables() -> anyhow::Result<()> {
-        let vars = [("OMPI_COMM_WORLD_RANK", "2"), ("OMPI_COMM_WORLD_SIZE", "4"), ("OMPI_COMM_WORLD_LOCAL_RANK", "2"),
-            ("OMPI_COMM_WORLD_LOCAL_SIZE", "4"), ("MASTER_PORT", "40000")];
-        assert_eq!(parse(&vars)?, with_local(env(2, 4, 2, "127.0.0.1", 40000), 4));
+        let vars = [
+            ("OMPI_COMM_WORLD_RANK", "2"),
+            ("OMPI_COMM_WORLD_SIZE", "4"),
+            ("OMPI_COMM_WORLD_LOCAL_RANK", "2"),
+            ("OMPI_COMM_WORLD_LOCAL_SIZE", "4"),
+            ("MASTER_PORT", "40000"),
+        ];
+        assert_eq!(
+            parse(&vars)?,
+            with_local(env(2, 4, 2, "127.0.0.1", 40000), 4)
+        );
         Ok(())
     }
 
     #[test]
     fn errors_name_the_variable() {
-        let base = [("WORLD_SIZE", "2"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "h")];
+        let base = [
+            ("WORLD_SIZE", "2"),
+            ("LOCAL_RANK", "0"),
+            ("MASTER_ADDR", "h"),
+        ];
         let cases: &[(&[(&str, &str)], &str)] = &[
-            (&[("WORLD_SIZE", "two")], "WORLD_SIZE=\"two\" is not a whole number"),
+            (
+                &[("WORLD_SIZE", "two")],
+                "WORLD_SIZE=\"two\" is not a whole number",
+            ),
             (&[("WORLD_SIZE", "0")], "WORLD_SIZE=0"),
             (&base, "RANK is not"),
-            (&[("RANK", "-1"), ("WORLD_SIZE", "2")], "RANK=\"-1\" is not a whole number"),
-            (&[("RANK", "2"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")], "RANK=2 is not below WORLD_SIZE=2"),
+            (
+                &[("RANK", "-1"), ("WORLD_SIZE", "2")],
+                "RANK=\"-1\" is not a whole number",
+            ),
+            (
+                &[("RANK", "2"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")],
+                "RANK=2 is not below WORLD_SIZE=2",
+            ),
             (&[("RANK", "1"), ("WORLD_SIZE", "2")], "LOCAL_RANK is not"),
-            (&[("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1"), ("LOCAL_WORLD_SIZE", "1")],
-                "LOCAL_RANK=1 is not below LOCAL_WORLD_SIZE=1"),
-            (&[("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "http")],
-                "MASTER_PORT=\"http\""),
-            (&[("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "0")],
-                "MASTER_PORT=\"0\""),
-            (&[("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", " ")], "MASTER_ADDR is empty"),
-            (&[("SLURM_NTASKS", "4"), ("SLURM_PROCID", "x")], "SLURM_PROCID=\"x\""),
-            (&[("OMPI_COMM_WORLD_SIZE", "4"), ("OMPI_COMM_WORLD_RANK", "1")], "OMPI_COMM_WORLD_LOCAL_RANK is not"),
+            (
+                &[
+                    ("RANK", "1"),
+                    ("WORLD_SIZE", "2"),
+                    ("LOCAL_RANK", "1"),
+                    ("LOCAL_WORLD_SIZE", "1"),
+                ],
+                "LOCAL_RANK=1 is not below LOCAL_WORLD_SIZE=1",
+            ),
+            (
+                &[
+                    ("RANK", "1"),
+                    ("WORLD_SIZE", "2"),
+                    ("LOCAL_RANK", "0"),
+                    ("MASTER_ADDR", "h"),
+                    ("MASTER_PORT", "http"),
+                ],
+                "MASTER_PORT=\"http\"",
+            ),
+            (
+                &[
+                    ("RANK", "1"),
+                    ("WORLD_SIZE", "2"),
+                    ("LOCAL_RANK", "0"),
+                    ("MASTER_ADDR", "h"),
+                    ("MASTER_PORT", "0"),
+                ],
+                "MASTER_PORT=\"0\"",
+            ),
+            (
+                &[
+                    ("RANK", "1"),
+                    ("WORLD_SIZE", "2"),
+                    ("LOCAL_RANK", "0"),
+                    ("MASTER_ADDR", " "),
+                ],
+                "MASTER_ADDR is empty",
+            ),
+            (
+                &[("SLURM_NTASKS", "4"), ("SLURM_PROCID", "x")],
+                "SLURM_PROCID=\"x\"",
+            ),
+            (
+                &[("OMPI_COMM_WORLD_SIZE", "4"), ("OMPI_COMM_WORLD_RANK", "1")],
+                "OMPI_COMM_WORLD_LOCAL_RANK is not",
+            ),
         ];
         for (vars, expected) in cases {
             let e = error(vars);
-            assert!(e.contains(expected), "{vars:?}: {e:?} does not contain {expected:?}");
+            assert!(
+                e.contains(expected),
+                "{vars:?}: {e:?} does not contain {expected:?}"
+            );
         }
     }
 }

@@ -35,7 +35,11 @@ const CULPRIT_GRACE: Duration = Duration::from_secs(1);
 /// its exit status or signal; ranks that only stopped because of it (exit status
 /// `PEER_FAILED_EXIT_STATUS`) are named only when no other rank failed. `Ok` when every
 /// rank exits 0.
-pub fn launch(nproc: usize, args: &[OsString], gpus_visible: Option<Vec<String>>) -> anyhow::Result<()> {
+pub fn launch(
+    nproc: usize,
+    args: &[OsString],
+    gpus_visible: Option<Vec<String>>,
+) -> anyhow::Result<()> {
     if nproc == 0 {
         bail!("launch: the number of processes must be at least 1");
     }
@@ -44,7 +48,11 @@ pub fn launch(nproc: usize, args: &[OsString], gpus_visible: Option<Vec<String>>
     }
     if let Some(gpus) = &gpus_visible {
         if gpus.len() != nproc {
-            bail!("launch: {} GPU(s) ({}) for {nproc} ranks: give one per rank", gpus.len(), gpus.join(","));
+            bail!(
+                "launch: {} GPU(s) ({}) for {nproc} ranks: give one per rank",
+                gpus.len(),
+                gpus.join(",")
+            );
         }
     }
     let exe = std::env::current_exe().context("launch: finding this executable")?;
@@ -53,7 +61,8 @@ pub fn launch(nproc: usize, args: &[OsString], gpus_visible: Option<Vec<String>>
         .context("launch: finding a free port for the rendezvous")?
         .port();
     // Before the first rank starts, so that no Ctrl-C falls in between.
-    let signals = ForwardedSignals::install().context("launch: installing the SIGINT/SIGTERM handlers")?;
+    let signals =
+        ForwardedSignals::install().context("launch: installing the SIGINT/SIGTERM handlers")?;
     let mut children: Vec<Child> = Vec::with_capacity(nproc);
     for rank in 0..nproc {
         let mut command = Command::new(&exe);
@@ -85,7 +94,8 @@ pub fn launch(nproc: usize, args: &[OsString], gpus_visible: Option<Vec<String>>
                     let _ = child.kill();
                     let _ = child.wait();
                 }
-                return Err(e).with_context(|| format!("launch: starting rank {rank} ({})", exe.display()));
+                return Err(e)
+                    .with_context(|| format!("launch: starting rank {rank} ({})", exe.display()));
             }
         }
     }
@@ -169,7 +179,11 @@ fn supervise(children: Vec<Child>, signals: &ForwardedSignals) -> anyhow::Result
                 Cause::Own
             };
             if failures.is_empty() {
-                let wait = if cause == Cause::PeerFailed { CULPRIT_GRACE } else { Duration::ZERO };
+                let wait = if cause == Cause::PeerFailed {
+                    CULPRIT_GRACE
+                } else {
+                    Duration::ZERO
+                };
                 terminate_at = Some(now + wait);
             }
             failures.push((cause, failures.len(), rank, describe(&status)));
@@ -182,7 +196,11 @@ fn supervise(children: Vec<Child>, signals: &ForwardedSignals) -> anyhow::Result
         Some(signal) => format!(" after the launcher forwarded {}", signal_name(signal)),
         None => String::new(),
     };
-    let others = if pids.len() > 1 { "; stopped the other ranks" } else { "" };
+    let others = if pids.len() > 1 {
+        "; stopped the other ranks"
+    } else {
+        ""
+    };
     bail!("rank {rank} failed ({how}){after}{others}")
 }
 
@@ -220,7 +238,11 @@ static PENDING_SIGINT: AtomicU32 = AtomicU32::new(0);
 static PENDING_SIGTERM: AtomicU32 = AtomicU32::new(0);
 
 extern "C" fn note_signal(signal: libc::c_int) {
-    let pending = if signal == libc::SIGINT { &PENDING_SIGINT } else { &PENDING_SIGTERM };
+    let pending = if signal == libc::SIGINT {
+        &PENDING_SIGINT
+    } else {
+        &PENDING_SIGTERM
+    };
     pending.fetch_add(1, Ordering::SeqCst);
 }
 
@@ -234,13 +256,16 @@ impl ForwardedSignals {
     fn install() -> io::Result<Self> {
         PENDING_SIGINT.store(0, Ordering::SeqCst);
         PENDING_SIGTERM.store(0, Ordering::SeqCst);
-        let mut installed = ForwardedSignals { previous: Vec::new() };
+        let mut installed = ForwardedSignals {
+            previous: Vec::new(),
+        };
         for signal in [libc::SIGINT, libc::SIGTERM] {
             // SAFETY: sigaction structs are plain data; the handler only touches atomics,
             // which is async-signal-safe.
             unsafe {
                 let mut action: libc::sigaction = std::mem::zeroed();
-                action.sa_sigaction = note_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+                action.sa_sigaction =
+                    note_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
                 action.sa_flags = libc::SA_RESTART;
                 libc::sigemptyset(&mut action.sa_mask);
                 let mut previous: libc::sigaction = std::mem::zeroed();
@@ -257,7 +282,10 @@ impl ForwardedSignals {
     /// Ctrl-C means something to a rank, a tenth does not).
     fn take(&self) -> Vec<libc::c_int> {
         let mut signals = Vec::new();
-        for (signal, pending) in [(libc::SIGINT, &PENDING_SIGINT), (libc::SIGTERM, &PENDING_SIGTERM)] {
+        for (signal, pending) in [
+            (libc::SIGINT, &PENDING_SIGINT),
+            (libc::SIGTERM, &PENDING_SIGTERM),
+        ] {
             let n = pending.swap(0, Ordering::SeqCst).min(2) as usize;
             signals.extend(std::iter::repeat_n(signal, n));
         }

@@ -65,7 +65,11 @@ pub struct LaunchArgs {
 
 /// `convnets launch`: refuses to run inside a group (a launch within a launch).
 pub fn launch_command(a: LaunchArgs) -> anyhow::Result<()> {
-    if let Some(world) = std::env::var("WORLD_SIZE").ok().and_then(|w| w.parse::<usize>().ok()).filter(|&w| w > 1) {
+    if let Some(world) = std::env::var("WORLD_SIZE")
+        .ok()
+        .and_then(|w| w.parse::<usize>().ok())
+        .filter(|&w| w > 1)
+    {
         bail!("launch: WORLD_SIZE={world} is set, so this process already is a rank of a group (a launch inside a launch?)");
     }
     launch::launch(a.nproc, &a.command, a.gpus)
@@ -112,10 +116,18 @@ pub fn dist_check(a: DistCheckArgs) -> anyhow::Result<()> {
     let timeout = Duration::try_from_secs_f64(a.timeout_s)
         .ok()
         .filter(|t| !t.is_zero())
-        .with_context(|| format!("--timeout-s {}: not a positive number of seconds", a.timeout_s))?;
+        .with_context(|| {
+            format!(
+                "--timeout-s {}: not a positive number of seconds",
+                a.timeout_s
+            )
+        })?;
     for (flag, rank) in [("--fail-rank", a.fail_rank), ("--hang-rank", a.hang_rank)] {
         if let Some(r) = rank.filter(|&r| r >= env.world_size) {
-            bail!("{flag} {r}: the group has ranks 0 to {}", env.world_size - 1);
+            bail!(
+                "{flag} {r}: the group has ranks 0 to {}",
+                env.world_size - 1
+            );
         }
     }
     let rank = env.rank;
@@ -179,7 +191,11 @@ fn crc32(bytes: &[u8]) -> u32 {
     for &b in bytes {
         crc ^= u32::from(b);
         for _ in 0..8 {
-            crc = if crc & 1 == 1 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc
@@ -201,8 +217,16 @@ fn nccl_diagnostics(env: &DistEnv, id: &[u8]) -> serde_json::Value {
         match r {
             Err(e) => format!("{e:#}"),
             Ok(()) => {
-                let got = t.to_device(Device::Cpu).to_kind(Kind::Double).mean(Kind::Double).double_value(&[]);
-                if (got - want).abs() < 1e-6 { "ok".into() } else { format!("sum {got}, expected {want}") }
+                let got = t
+                    .to_device(Device::Cpu)
+                    .to_kind(Kind::Double)
+                    .mean(Kind::Double)
+                    .double_value(&[]);
+                if (got - want).abs() < 1e-6 {
+                    "ok".into()
+                } else {
+                    format!("sum {got}, expected {want}")
+                }
             }
         }
     };
@@ -230,10 +254,16 @@ fn nccl_diagnostics(env: &DistEnv, id: &[u8]) -> serde_json::Value {
     let driver_null = match unsafe { cudarc::driver::result::malloc_sync(4096) } {
         Ok(p) => {
             tch::Cuda::synchronize(device as i64);
-            let r = unsafe { cudarc::driver::result::memcpy_dtod_sync(p, t.data_ptr() as u64, 4096) }
-                .map_err(|e| anyhow::anyhow!("{e:?}"))
-                .and_then(|()| comm.all_reduce_raw(p, 1024, 0))
-                .and_then(|()| unsafe { cudarc::driver::result::memcpy_dtod_sync(t.data_ptr() as u64, p, 4096) }.map_err(|e| anyhow::anyhow!("{e:?}")));
+            let r =
+                unsafe { cudarc::driver::result::memcpy_dtod_sync(p, t.data_ptr() as u64, 4096) }
+                    .map_err(|e| anyhow::anyhow!("{e:?}"))
+                    .and_then(|()| comm.all_reduce_raw(p, 1024, 0))
+                    .and_then(|()| {
+                        unsafe {
+                            cudarc::driver::result::memcpy_dtod_sync(t.data_ptr() as u64, p, 4096)
+                        }
+                        .map_err(|e| anyhow::anyhow!("{e:?}"))
+                    });
             check(&t, r)
         }
         Err(e) => format!("{e:?}"),

@@ -34,7 +34,8 @@ const NCCL_SUM: c_int = 0;
 /// one's symbols and reports "corrupted comm object", so there must be only one.
 type GetUniqueId = unsafe extern "C" fn(*mut UniqueId) -> c_int;
 type CommInitRank = unsafe extern "C" fn(*mut Comm, c_int, UniqueId, c_int) -> c_int;
-type Collective = unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, Comm, Stream) -> c_int;
+type Collective =
+    unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, Comm, Stream) -> c_int;
 type CommFn = unsafe extern "C" fn(Comm) -> c_int;
 type ErrorString = unsafe extern "C" fn(c_int) -> *const c_char;
 
@@ -59,19 +60,28 @@ fn api() -> anyhow::Result<&'static Api> {
             let sym = |name: &std::ffi::CStr| -> Result<*mut c_void, String> {
                 let p = libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr());
                 if p.is_null() {
-                    Err(format!("{} not found: libtorch's NCCL is not loaded (is libtorch_cuda linked?)", name.to_string_lossy()))
+                    Err(format!(
+                        "{} not found: libtorch's NCCL is not loaded (is libtorch_cuda linked?)",
+                        name.to_string_lossy()
+                    ))
                 } else {
                     Ok(p)
                 }
             };
             Ok(Api {
-                get_unique_id: std::mem::transmute::<*mut c_void, GetUniqueId>(sym(c"ncclGetUniqueId")?),
-                comm_init_rank: std::mem::transmute::<*mut c_void, CommInitRank>(sym(c"ncclCommInitRank")?),
+                get_unique_id: std::mem::transmute::<*mut c_void, GetUniqueId>(sym(
+                    c"ncclGetUniqueId",
+                )?),
+                comm_init_rank: std::mem::transmute::<*mut c_void, CommInitRank>(sym(
+                    c"ncclCommInitRank",
+                )?),
                 all_reduce: std::mem::transmute::<*mut c_void, Collective>(sym(c"ncclAllReduce")?),
                 broadcast: std::mem::transmute::<*mut c_void, Collective>(sym(c"ncclBroadcast")?),
                 comm_abort: std::mem::transmute::<*mut c_void, CommFn>(sym(c"ncclCommAbort")?),
                 comm_destroy: std::mem::transmute::<*mut c_void, CommFn>(sym(c"ncclCommDestroy")?),
-                get_error_string: std::mem::transmute::<*mut c_void, ErrorString>(sym(c"ncclGetErrorString")?),
+                get_error_string: std::mem::transmute::<*mut c_void, ErrorString>(sym(
+                    c"ncclGetErrorString",
+                )?),
             })
         }
     })
@@ -86,16 +96,24 @@ fn check(call: &str, status: c_int) -> anyhow::Result<()> {
     let text = api()
         .ok()
         // SAFETY: NCCL returns a static string.
-        .map(|a| unsafe { std::ffi::CStr::from_ptr((a.get_error_string)(status)) }.to_string_lossy().into_owned())
+        .map(|a| {
+            unsafe { std::ffi::CStr::from_ptr((a.get_error_string)(status)) }
+                .to_string_lossy()
+                .into_owned()
+        })
         .unwrap_or_default();
     bail!("{call} failed: NCCL error {status} ({text})")
 }
 
 /// A new unique id, made by rank 0 and shared with the others by the rendezvous.
 pub fn unique_id() -> anyhow::Result<Vec<u8>> {
-    let mut id = UniqueId { internal: [0; ID_BYTES] };
+    let mut id = UniqueId {
+        internal: [0; ID_BYTES],
+    };
     // SAFETY: out-pointer we own.
-    check("ncclGetUniqueId", unsafe { (api()?.get_unique_id)(&mut id) })?;
+    check("ncclGetUniqueId", unsafe {
+        (api()?.get_unique_id)(&mut id)
+    })?;
     Ok(id.internal.iter().map(|&c| c as u8).collect())
 }
 
@@ -120,15 +138,22 @@ impl Nccl {
             bail!("NCCL id of {} bytes, expected {ID_BYTES}", id.len());
         }
         let ctx = CudaContext::new(device).map_err(|e| anyhow::anyhow!("GPU {device}: {e:?}"))?;
-        ctx.bind_to_thread().map_err(|e| anyhow::anyhow!("GPU {device}: {e:?}"))?;
-        let mut raw = UniqueId { internal: [0; ID_BYTES] };
+        ctx.bind_to_thread()
+            .map_err(|e| anyhow::anyhow!("GPU {device}: {e:?}"))?;
+        let mut raw = UniqueId {
+            internal: [0; ID_BYTES],
+        };
         for (d, &s) in raw.internal.iter_mut().zip(id) {
             *d = s as c_char;
         }
         let mut comm: Comm = std::ptr::null_mut();
         // SAFETY: out-pointer we own; every rank passes the same id.
-        let status = unsafe { (api()?.comm_init_rank)(&mut comm, world_size as c_int, raw, rank as c_int) };
-        check(&format!("ncclCommInitRank (rank {rank} of {world_size})"), status)?;
+        let status =
+            unsafe { (api()?.comm_init_rank)(&mut comm, world_size as c_int, raw, rank as c_int) };
+        check(
+            &format!("ncclCommInitRank (rank {rank} of {world_size})"),
+            status,
+        )?;
         Ok(Self {
             comm,
             ctx,
@@ -160,7 +185,11 @@ impl Nccl {
             + 1;
         let dense = t.numel() as i64 == span && t.stride().iter().all(|&s| s > 0);
         if !t.device().is_cuda() || !dense {
-            bail!("NCCL needs a dense CUDA tensor, got {:?} on {:?}", t.size(), t.device());
+            bail!(
+                "NCCL needs a dense CUDA tensor, got {:?} on {:?}",
+                t.size(),
+                t.device()
+            );
         }
         Ok(())
     }
@@ -174,12 +203,22 @@ impl Nccl {
     pub fn all_reduce_sum(&self, t: &Tensor) -> anyhow::Result<()> {
         Self::check(t)?;
         let ptr = t.data_ptr();
-        self.ctx.bind_to_thread().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
         // SAFETY: `t` is a dense device buffer of numel elements of its dtype; libtorch's
         // current stream orders the call with its kernels (and is the capture stream while
         // a training step is captured as a CUDA graph).
         let status = unsafe {
-            (api()?.all_reduce)(ptr, ptr, t.numel(), Self::dtype(t)?, NCCL_SUM, self.comm, self.stream())
+            (api()?.all_reduce)(
+                ptr,
+                ptr,
+                t.numel(),
+                Self::dtype(t)?,
+                NCCL_SUM,
+                self.comm,
+                self.stream(),
+            )
         };
         check(&format!("ncclAllReduce of {} elements", t.numel()), status)
     }
@@ -187,10 +226,20 @@ impl Nccl {
     /// Diagnostics for `dist-check --nccl`: in-place sums of `count` f32 at `ptr` on
     /// `stream` (0: the legacy default stream).
     pub fn all_reduce_raw(&self, ptr: u64, count: usize, stream: u64) -> anyhow::Result<()> {
-        self.ctx.bind_to_thread().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
         // SAFETY: the caller passes a device buffer of `count` floats.
         let status = unsafe {
-            (api()?.all_reduce)(ptr as *const c_void, ptr as *mut c_void, count, NCCL_FLOAT32, NCCL_SUM, self.comm, stream as Stream)
+            (api()?.all_reduce)(
+                ptr as *const c_void,
+                ptr as *mut c_void,
+                count,
+                NCCL_FLOAT32,
+                NCCL_SUM,
+                self.comm,
+                stream as Stream,
+            )
         };
         check("ncclAllReduce", status)
     }
@@ -199,12 +248,23 @@ impl Nccl {
     pub fn broadcast(&self, t: &Tensor, root: usize) -> anyhow::Result<()> {
         Self::check(t)?;
         let ptr = t.data_ptr();
-        self.ctx.bind_to_thread().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
         // SAFETY: as in all_reduce_sum.
         let status = unsafe {
-            (api()?.broadcast)(ptr, ptr, t.numel(), Self::dtype(t)?, root as c_int, self.comm, self.stream())
+            (api()?.broadcast)(
+                ptr,
+                ptr,
+                t.numel(),
+                Self::dtype(t)?,
+                root as c_int,
+                self.comm,
+                self.stream(),
+            )
         };
-        check(&format!("ncclBroadcast of {} elements", t.numel()), status).context("broadcasting from rank 0")
+        check(&format!("ncclBroadcast of {} elements", t.numel()), status)
+            .context("broadcasting from rank 0")
     }
 
     /// Aborts pending collectives (a peer is gone): they return instead of waiting forever.

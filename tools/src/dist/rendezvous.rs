@@ -21,7 +21,9 @@
 //! rank only ever watches its connection(s) to the star's centre.
 
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{
+    IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs,
+};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -56,10 +58,17 @@ const FINISH_DRAIN: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Message {
-    Hello { version: u16, rank: u32, world_size: u32 },
+    Hello {
+        version: u16,
+        rank: u32,
+        world_size: u32,
+    },
     Payload(Vec<u8>),
     Refuse(String),
-    Failure { rank: u32, message: String },
+    Failure {
+        rank: u32,
+        message: String,
+    },
     Done,
 }
 
@@ -68,7 +77,11 @@ impl Message {
     fn frame(&self) -> Vec<u8> {
         let mut body = Vec::new();
         match self {
-            Message::Hello { version, rank, world_size } => {
+            Message::Hello {
+                version,
+                rank,
+                world_size,
+            } => {
                 body.push(HELLO);
                 body.extend_from_slice(&MAGIC);
                 body.extend_from_slice(&version.to_le_bytes());
@@ -119,7 +132,10 @@ impl Message {
             }
             PAYLOAD => Message::Payload(rest.to_vec()),
             REFUSE => Message::Refuse(text(rest)),
-            FAILURE => Message::Failure { rank: u32_at(0)?, message: text(&rest[4..]) },
+            FAILURE => Message::Failure {
+                rank: u32_at(0)?,
+                message: text(&rest[4..]),
+            },
             DONE => Message::Done,
             k => return Err(format!("unknown frame kind {k}")),
         })
@@ -129,7 +145,10 @@ impl Message {
 fn frame_length(prefix: [u8; 4]) -> io::Result<usize> {
     let n = u32::from_le_bytes(prefix) as usize;
     if n == 0 || n > MAX_FRAME {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("frame length {n} out of range")));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame length {n} out of range"),
+        ));
     }
     Ok(n)
 }
@@ -166,13 +185,20 @@ impl FrameBuffer {
 }
 
 fn is_timeout(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
 
 /// `60 s`, `0.5 s`.
 fn seconds(d: Duration) -> String {
     let s = d.as_secs_f64();
-    if s.fract() == 0.0 { format!("{s:.0} s") } else { format!("{s} s") }
+    if s.fract() == 0.0 {
+        format!("{s:.0} s")
+    } else {
+        format!("{s} s")
+    }
 }
 
 /// A socket to another rank. Writes hold the lock so frames from two threads (the
@@ -188,7 +214,11 @@ impl Link {
         stream.set_nodelay(true)?;
         stream.set_read_timeout(None)?;
         stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
-        Ok(Link { rank, stream, write: Mutex::new(()) })
+        Ok(Link {
+            rank,
+            stream,
+            write: Mutex::new(()),
+        })
     }
 
     fn send(&self, message: &Message) -> io::Result<()> {
@@ -232,11 +262,29 @@ pub fn rendezvous(
     timeout: Duration,
 ) -> anyhow::Result<(Vec<u8>, Group)> {
     if env.rank >= env.world_size {
-        bail!("rank {} of a group of {}: no such rank", env.rank, env.world_size);
+        bail!(
+            "rank {} of a group of {}: no such rank",
+            env.rank,
+            env.world_size
+        );
     }
-    let (payload, links) = if env.rank == 0 { serve(env, payload, timeout)? } else { join(env, timeout)? };
-    let shared = Arc::new(Shared { links, quiet: AtomicBool::new(false) });
-    Ok((payload, Group { env: env.clone(), shared, watchdog: None }))
+    let (payload, links) = if env.rank == 0 {
+        serve(env, payload, timeout)?
+    } else {
+        join(env, timeout)?
+    };
+    let shared = Arc::new(Shared {
+        links,
+        quiet: AtomicBool::new(false),
+    });
+    Ok((
+        payload,
+        Group {
+            env: env.clone(),
+            shared,
+            watchdog: None,
+        },
+    ))
 }
 
 pub(crate) fn address(env: &DistEnv) -> String {
@@ -250,8 +298,10 @@ pub(crate) fn address(env: &DistEnv) -> String {
 /// Where rank 0 listens: MASTER_ADDR itself when it is a loopback address (a local run
 /// stays off the network), else every interface, as MASTER_ADDR may name a NAT or alias.
 pub(crate) fn listen_address(env: &DistEnv) -> SocketAddr {
-    let resolved: Vec<SocketAddr> =
-        (env.master_addr.as_str(), env.master_port).to_socket_addrs().map(|a| a.collect()).unwrap_or_default();
+    let resolved: Vec<SocketAddr> = (env.master_addr.as_str(), env.master_port)
+        .to_socket_addrs()
+        .map(|a| a.collect())
+        .unwrap_or_default();
     if let Some(loopback) = resolved.iter().find(|a| a.ip().is_loopback()) {
         return *loopback;
     }
@@ -264,7 +314,11 @@ pub(crate) fn listen_address(env: &DistEnv) -> SocketAddr {
 }
 
 /// Tells every connected peer why the rendezvous ends (best effort) and returns the error.
-fn refuse_all(peers: &[Option<TcpStream>], extra: Option<&TcpStream>, why: String) -> anyhow::Error {
+fn refuse_all(
+    peers: &[Option<TcpStream>],
+    extra: Option<&TcpStream>,
+    why: String,
+) -> anyhow::Error {
     let frame = Message::Refuse(why.clone()).frame();
     for mut stream in peers.iter().flatten().chain(extra) {
         let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
@@ -293,25 +347,47 @@ fn serve(
     while missing > 0 {
         let (stream, from) = match listener.accept() {
             Ok(s) => s,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock
+                    || e.kind() == io::ErrorKind::Interrupted =>
+            {
                 if Instant::now() >= deadline {
-                    let absent: Vec<usize> = (1..env.world_size).filter(|&r| peers[r].is_none()).collect();
-                    let why = format!("rendezvous at {addr}: ranks {absent:?} did not connect within {}", seconds(timeout));
+                    let absent: Vec<usize> = (1..env.world_size)
+                        .filter(|&r| peers[r].is_none())
+                        .collect();
+                    let why = format!(
+                        "rendezvous at {addr}: ranks {absent:?} did not connect within {}",
+                        seconds(timeout)
+                    );
                     return Err(refuse_all(&peers, None, why));
                 }
                 std::thread::sleep(Duration::from_millis(10));
                 continue;
             }
-            Err(e) => return Err(refuse_all(&peers, None, format!("rendezvous at {addr}: accepting a connection: {e}"))),
+            Err(e) => {
+                return Err(refuse_all(
+                    &peers,
+                    None,
+                    format!("rendezvous at {addr}: accepting a connection: {e}"),
+                ))
+            }
         };
         // Accepted sockets may inherit non-blocking mode on some systems.
         stream.set_nonblocking(false)?;
-        let wait = deadline.saturating_duration_since(Instant::now()).clamp(Duration::from_millis(100), HELLO_WAIT);
+        let wait = deadline
+            .saturating_duration_since(Instant::now())
+            .clamp(Duration::from_millis(100), HELLO_WAIT);
         stream.set_read_timeout(Some(wait))?;
         let (version, rank, world_size) = match read_message(&stream) {
-            Ok(Message::Hello { version, rank, world_size }) => (version, rank as usize, world_size as usize),
+            Ok(Message::Hello {
+                version,
+                rank,
+                world_size,
+            }) => (version, rank as usize, world_size as usize),
             Ok(other) => {
-                eprintln!("rendezvous at {addr}: ignoring {from}: sent {other:?} instead of a hello");
+                eprintln!(
+                    "rendezvous at {addr}: ignoring {from}: sent {other:?} instead of a hello"
+                );
                 continue;
             }
             Err(e) => {
@@ -324,7 +400,10 @@ fn serve(
                 "rank {rank} speaks rendezvous protocol {version}, rank 0 speaks {PROTOCOL_VERSION} (different convnets builds?)"
             ))
         } else if world_size != env.world_size {
-            Some(format!("rank {rank} says the world has {world_size} processes, rank 0 has {}", env.world_size))
+            Some(format!(
+                "rank {rank} says the world has {world_size} processes, rank 0 has {}",
+                env.world_size
+            ))
         } else if rank == 0 || rank >= env.world_size {
             Some(format!(
                 "the process at {from} says it is rank {rank}; besides rank 0 the world of {} has ranks 1 to {}",
@@ -340,7 +419,11 @@ fn serve(
             None
         };
         if let Some(problem) = problem {
-            return Err(refuse_all(&peers, Some(&stream), format!("rendezvous at {addr}: {problem}")));
+            return Err(refuse_all(
+                &peers,
+                Some(&stream),
+                format!("rendezvous at {addr}: {problem}"),
+            ));
         }
         peers[rank] = Some(stream);
         origins[rank] = Some(from);
@@ -350,9 +433,19 @@ fn serve(
 
     let payload = match payload() {
         Ok(p) if p.len() < MAX_FRAME => p,
-        Ok(p) => return Err(refuse_all(&peers, None, format!("rendezvous payload of {} bytes is too large", p.len()))),
+        Ok(p) => {
+            return Err(refuse_all(
+                &peers,
+                None,
+                format!("rendezvous payload of {} bytes is too large", p.len()),
+            ))
+        }
         Err(e) => {
-            let _ = refuse_all(&peers, None, format!("rank 0 could not make the rendezvous payload: {e:#}"));
+            let _ = refuse_all(
+                &peers,
+                None,
+                format!("rank 0 could not make the rendezvous payload: {e:#}"),
+            );
             return Err(e.context("rank 0 could not make the rendezvous payload"));
         }
     };
@@ -374,28 +467,42 @@ fn join(env: &DistEnv, timeout: Duration) -> anyhow::Result<(Vec<u8>, Vec<Link>)
     let rank = env.rank;
     let deadline = Instant::now() + timeout;
     let stream = loop {
-        let attempt = (env.master_addr.as_str(), env.master_port).to_socket_addrs().and_then(|addrs| {
-            let mut last = io::Error::new(io::ErrorKind::NotFound, "the name resolves to no address");
-            for a in addrs {
-                let wait = deadline.saturating_duration_since(Instant::now()).clamp(Duration::from_millis(10), Duration::from_secs(2));
-                match TcpStream::connect_timeout(&a, wait) {
-                    Ok(s) => return Ok(s),
-                    Err(e) => last = e,
+        let attempt = (env.master_addr.as_str(), env.master_port)
+            .to_socket_addrs()
+            .and_then(|addrs| {
+                let mut last =
+                    io::Error::new(io::ErrorKind::NotFound, "the name resolves to no address");
+                for a in addrs {
+                    let wait = deadline
+                        .saturating_duration_since(Instant::now())
+                        .clamp(Duration::from_millis(10), Duration::from_secs(2));
+                    match TcpStream::connect_timeout(&a, wait) {
+                        Ok(s) => return Ok(s),
+                        Err(e) => last = e,
+                    }
                 }
-            }
-            Err(last)
-        });
+                Err(last)
+            });
         match attempt {
             Ok(s) => break s,
             Err(e) if Instant::now() >= deadline => {
-                bail!("rank {rank}: rank 0 was not reachable at {addr} within {} (last error: {e})", seconds(timeout))
+                bail!(
+                    "rank {rank}: rank 0 was not reachable at {addr} within {} (last error: {e})",
+                    seconds(timeout)
+                )
             }
             Err(_) => std::thread::sleep(Duration::from_millis(50)),
         }
     };
     stream.set_nodelay(true)?;
-    let hello = Message::Hello { version: PROTOCOL_VERSION, rank: rank as u32, world_size: env.world_size as u32 };
-    (&stream).write_all(&hello.frame()).with_context(|| format!("rank {rank}: saying hello to rank 0 at {addr}"))?;
+    let hello = Message::Hello {
+        version: PROTOCOL_VERSION,
+        rank: rank as u32,
+        world_size: env.world_size as u32,
+    };
+    (&stream)
+        .write_all(&hello.frame())
+        .with_context(|| format!("rank {rank}: saying hello to rank 0 at {addr}"))?;
     // Rank 0 answers once the last rank is there, or when its own timeout ends.
     stream.set_read_timeout(Some(timeout + PAYLOAD_GRACE))?;
     let payload = match read_message(&stream) {
@@ -442,7 +549,10 @@ impl Group {
     pub fn report_failure(&self, reason: &str) {
         self.shared.quiet.store(true, Ordering::SeqCst);
         let rank = self.env.rank;
-        let message = Message::Failure { rank: rank as u32, message: format!("rank {rank} failed: {reason}") };
+        let message = Message::Failure {
+            rank: rank as u32,
+            message: format!("rank {rank} failed: {reason}"),
+        };
         for link in &self.shared.links {
             let _ = link.send(&message);
         }
@@ -485,10 +595,22 @@ fn drain(links: &[Link], deadline: Instant) {
         if left.is_zero() {
             return;
         }
-        let mut fds: Vec<libc::pollfd> =
-            open.iter().map(|l| libc::pollfd { fd: l.stream.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
+        let mut fds: Vec<libc::pollfd> = open
+            .iter()
+            .map(|l| libc::pollfd {
+                fd: l.stream.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
         // SAFETY: `fds` is a valid array of pollfd of the given length.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, left.as_millis().max(1) as i32) };
+        let n = unsafe {
+            libc::poll(
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                left.as_millis().max(1) as i32,
+            )
+        };
         if n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
             return;
         }
@@ -523,9 +645,17 @@ fn watchdog(me: usize, shared: &Shared, wake: &UnixStream, on_failure: impl Fn(&
         let watched: Vec<usize> = (0..links.len()).filter(|&i| !done[i]).collect();
         let mut fds: Vec<libc::pollfd> = watched
             .iter()
-            .map(|&i| libc::pollfd { fd: links[i].stream.as_raw_fd(), events: libc::POLLIN, revents: 0 })
+            .map(|&i| libc::pollfd {
+                fd: links[i].stream.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
             .collect();
-        fds.push(libc::pollfd { fd: wake.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+        fds.push(libc::pollfd {
+            fd: wake.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        });
         // SAFETY: `fds` is a valid array of pollfd of the given length.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
         if n < 0 {
@@ -544,7 +674,9 @@ fn watchdog(me: usize, shared: &Shared, wake: &UnixStream, on_failure: impl Fn(&
             }
             let rank = links[i].rank;
             match (&links[i].stream).read(&mut chunk) {
-                Ok(0) => failure = Some((rank, format!("rank {rank} exited or lost its connection"))),
+                Ok(0) => {
+                    failure = Some((rank, format!("rank {rank} exited or lost its connection")))
+                }
                 Ok(n) => {
                     buffers[i].bytes.extend_from_slice(&chunk[..n]);
                     // Each message ends the watch of this link: DONE (the close that
@@ -555,20 +687,37 @@ fn watchdog(me: usize, shared: &Shared, wake: &UnixStream, on_failure: impl Fn(&
                             done[i] = true;
                             None
                         }
-                        Some(Ok(Message::Failure { rank: failed, message })) => Some((failed as usize, message)),
-                        Some(Ok(other)) => {
-                            Some((rank, format!("rank {rank} sent an unexpected {other:?} on the control channel")))
-                        }
-                        Some(Err(e)) => Some((rank, format!("rank {rank} sent a malformed control message ({e})"))),
+                        Some(Ok(Message::Failure {
+                            rank: failed,
+                            message,
+                        })) => Some((failed as usize, message)),
+                        Some(Ok(other)) => Some((
+                            rank,
+                            format!(
+                                "rank {rank} sent an unexpected {other:?} on the control channel"
+                            ),
+                        )),
+                        Some(Err(e)) => Some((
+                            rank,
+                            format!("rank {rank} sent a malformed control message ({e})"),
+                        )),
                     };
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted || is_timeout(&e) => {}
-                Err(e) => failure = Some((rank, format!("rank {rank} exited or lost its connection ({e})"))),
+                Err(e) => {
+                    failure = Some((
+                        rank,
+                        format!("rank {rank} exited or lost its connection ({e})"),
+                    ))
+                }
             }
         }
         if let Some((failed, message)) = failure {
             if me == 0 {
-                let relay = Message::Failure { rank: failed as u32, message: message.clone() };
+                let relay = Message::Failure {
+                    rank: failed as u32,
+                    message: message.clone(),
+                };
                 for link in links.iter().filter(|l| l.rank != failed) {
                     let _ = link.send(&relay);
                 }
@@ -589,11 +738,21 @@ mod tests {
     use super::*;
 
     fn free_port() -> u16 {
-        TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
+        TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port()
     }
 
     fn env(rank: usize, world_size: usize, port: u16) -> DistEnv {
-        DistEnv { rank, world_size, local_rank: rank, local_world_size: Some(world_size), master_addr: "127.0.0.1".into(), master_port: port }
+        DistEnv {
+            rank,
+            world_size,
+            local_rank: rank,
+            local_world_size: Some(world_size),
+            master_addr: "127.0.0.1".into(),
+            master_port: port,
+        }
     }
 
     fn payload() -> anyhow::Result<Vec<u8>> {
@@ -603,14 +762,20 @@ mod tests {
     /// Every rank of a world of `n` meets in its own thread; results by rank.
     fn meet(n: usize, timeout: Duration) -> Vec<anyhow::Result<(Vec<u8>, Group)>> {
         let port = free_port();
-        let handles: Vec<_> =
-            (0..n).map(|r| thread::spawn(move || rendezvous(&env(r, n, port), payload, timeout))).collect();
-        handles.into_iter().map(|h| h.join().expect("rank thread")).collect()
+        let handles: Vec<_> = (0..n)
+            .map(|r| thread::spawn(move || rendezvous(&env(r, n, port), payload, timeout)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("rank thread"))
+            .collect()
     }
 
     /// A group of `n` whose every rank got rank 0's payload.
     fn groups(n: usize) -> Vec<Group> {
-        let met = meet(n, Duration::from_secs(20)).into_iter().map(|r| r.expect("rendezvous"));
+        let met = meet(n, Duration::from_secs(20))
+            .into_iter()
+            .map(|r| r.expect("rendezvous"));
         met.map(|(p, g)| {
             assert_eq!(p, payload().unwrap(), "rank {}", g.env.rank);
             g
@@ -622,18 +787,27 @@ mod tests {
     fn watched(group: &mut Group) -> mpsc::Receiver<String> {
         let (tx, rx) = mpsc::channel();
         let tx = Mutex::new(tx);
-        group.watch(move |m| tx.lock().unwrap().send(m.to_string()).unwrap()).expect("watch");
+        group
+            .watch(move |m| tx.lock().unwrap().send(m.to_string()).unwrap())
+            .expect("watch");
         rx
     }
 
     #[test]
     fn frames_round_trip() {
         let messages = [
-            Message::Hello { version: 1, rank: 3, world_size: 8 },
+            Message::Hello {
+                version: 1,
+                rank: 3,
+                world_size: 8,
+            },
             Message::Payload(vec![0, 1, 2, 255]),
             Message::Payload(vec![]),
             Message::Refuse("no".into()),
-            Message::Failure { rank: 2, message: "rank 2 failed: NaN".into() },
+            Message::Failure {
+                rank: 2,
+                message: "rank 2 failed: NaN".into(),
+            },
             Message::Done,
         ];
         let mut buffer = FrameBuffer::default();
@@ -652,12 +826,19 @@ mod tests {
     fn every_rank_gets_rank_zeros_payload_and_finish_is_quiet() {
         let mut groups = groups(3);
         let failures: Vec<_> = groups.iter_mut().map(watched).collect();
-        let finishing: Vec<_> = groups.into_iter().map(|g| thread::spawn(move || g.finish())).collect();
+        let finishing: Vec<_> = groups
+            .into_iter()
+            .map(|g| thread::spawn(move || g.finish()))
+            .collect();
         for f in finishing {
             f.join().unwrap();
         }
         for (rank, rx) in failures.iter().enumerate() {
-            assert_eq!(rx.recv_timeout(Duration::from_millis(300)).ok(), None, "rank {rank}");
+            assert_eq!(
+                rx.recv_timeout(Duration::from_millis(300)).ok(),
+                None,
+                "rank {rank}"
+            );
         }
     }
 
@@ -666,7 +847,10 @@ mod tests {
         let mut groups = groups(3);
         let failures: Vec<_> = groups.iter_mut().map(watched).collect();
         let last = groups.pop().unwrap();
-        let first_two: Vec<_> = groups.into_iter().map(|g| thread::spawn(move || g.finish())).collect();
+        let first_two: Vec<_> = groups
+            .into_iter()
+            .map(|g| thread::spawn(move || g.finish()))
+            .collect();
         thread::sleep(Duration::from_millis(200));
         last.finish();
         for f in first_two {
@@ -706,41 +890,76 @@ mod tests {
         groups[1].report_failure("loss is NaN");
         drop(groups.remove(1));
         for rank in [0, 2] {
-            let m = failures[rank].recv_timeout(Duration::from_secs(10)).expect("a failure");
+            let m = failures[rank]
+                .recv_timeout(Duration::from_secs(10))
+                .expect("a failure");
             assert_eq!(m, "rank 1 failed: loss is NaN", "rank {rank}");
-            assert_eq!(failures[rank].recv_timeout(Duration::from_millis(200)).ok(), None, "only once");
+            assert_eq!(
+                failures[rank].recv_timeout(Duration::from_millis(200)).ok(),
+                None,
+                "only once"
+            );
         }
-        assert_eq!(failures[1].recv_timeout(Duration::from_millis(200)).ok(), None, "the reporter stays quiet");
+        assert_eq!(
+            failures[1].recv_timeout(Duration::from_millis(200)).ok(),
+            None,
+            "the reporter stays quiet"
+        );
     }
 
     #[test]
     fn missing_ranks_are_named() {
         let port = free_port();
-        let zero = thread::spawn(move || rendezvous(&env(0, 4, port), payload, Duration::from_millis(1500)));
-        let two = thread::spawn(move || rendezvous(&env(2, 4, port), payload, Duration::from_secs(20)));
+        let zero = thread::spawn(move || {
+            rendezvous(&env(0, 4, port), payload, Duration::from_millis(1500))
+        });
+        let two =
+            thread::spawn(move || rendezvous(&env(2, 4, port), payload, Duration::from_secs(20)));
         let e = format!("{:#}", zero.join().unwrap().err().expect("rank 0 fails"));
-        assert_eq!(e, format!("rendezvous at 127.0.0.1:{port}: ranks [1, 3] did not connect within 1.5 s"));
-        let e = format!("{:#}", two.join().unwrap().err().expect("rank 2 is refused"));
+        assert_eq!(
+            e,
+            format!("rendezvous at 127.0.0.1:{port}: ranks [1, 3] did not connect within 1.5 s")
+        );
+        let e = format!(
+            "{:#}",
+            two.join().unwrap().err().expect("rank 2 is refused")
+        );
         assert!(e.contains("ranks [1, 3] did not connect"), "{e}");
     }
 
     #[test]
     fn disagreeing_world_sizes_are_refused() {
         let port = free_port();
-        let zero = thread::spawn(move || rendezvous(&env(0, 2, port), payload, Duration::from_secs(20)));
-        let three = thread::spawn(move || rendezvous(&env(3, 4, port), payload, Duration::from_secs(20)));
+        let zero =
+            thread::spawn(move || rendezvous(&env(0, 2, port), payload, Duration::from_secs(20)));
+        let three =
+            thread::spawn(move || rendezvous(&env(3, 4, port), payload, Duration::from_secs(20)));
         let e = format!("{:#}", zero.join().unwrap().err().expect("rank 0 fails"));
-        assert!(e.ends_with("rank 3 says the world has 4 processes, rank 0 has 2"), "{e}");
-        let e = format!("{:#}", three.join().unwrap().err().expect("rank 3 is refused"));
-        assert!(e.contains("rank 3 says the world has 4 processes, rank 0 has 2"), "{e}");
+        assert!(
+            e.ends_with("rank 3 says the world has 4 processes, rank 0 has 2"),
+            "{e}"
+        );
+        let e = format!(
+            "{:#}",
+            three.join().unwrap().err().expect("rank 3 is refused")
+        );
+        assert!(
+            e.contains("rank 3 says the world has 4 processes, rank 0 has 2"),
+            "{e}"
+        );
     }
 
     #[test]
     fn duplicate_ranks_are_refused() {
         let port = free_port();
-        let zero = thread::spawn(move || rendezvous(&env(0, 3, port), payload, Duration::from_secs(20)));
+        let zero =
+            thread::spawn(move || rendezvous(&env(0, 3, port), payload, Duration::from_secs(20)));
         let ones: Vec<_> = (0..2)
-            .map(|_| thread::spawn(move || rendezvous(&env(1, 3, port), payload, Duration::from_secs(20))))
+            .map(|_| {
+                thread::spawn(move || {
+                    rendezvous(&env(1, 3, port), payload, Duration::from_secs(20))
+                })
+            })
             .collect();
         let e = format!("{:#}", zero.join().unwrap().err().expect("rank 0 fails"));
         assert!(e.contains("two processes say they are rank 1"), "{e}");
@@ -752,20 +971,35 @@ mod tests {
     #[test]
     fn an_absent_rank_zero_is_reported() {
         let port = free_port();
-        let e = rendezvous(&env(1, 2, port), payload, Duration::from_millis(300)).err().expect("no rank 0");
+        let e = rendezvous(&env(1, 2, port), payload, Duration::from_millis(300))
+            .err()
+            .expect("no rank 0");
         let e = format!("{e:#}");
-        assert!(e.starts_with(&format!("rank 1: rank 0 was not reachable at 127.0.0.1:{port} within 0.3 s")), "{e}");
+        assert!(
+            e.starts_with(&format!(
+                "rank 1: rank 0 was not reachable at 127.0.0.1:{port} within 0.3 s"
+            )),
+            "{e}"
+        );
     }
 
     #[test]
     fn a_payload_error_reaches_the_peers() {
         let port = free_port();
         let zero = thread::spawn(move || {
-            rendezvous(&env(0, 2, port), || Err(anyhow!("no NCCL")), Duration::from_secs(20))
+            rendezvous(
+                &env(0, 2, port),
+                || Err(anyhow!("no NCCL")),
+                Duration::from_secs(20),
+            )
         });
-        let one = thread::spawn(move || rendezvous(&env(1, 2, port), payload, Duration::from_secs(20)));
+        let one =
+            thread::spawn(move || rendezvous(&env(1, 2, port), payload, Duration::from_secs(20)));
         assert!(format!("{:#}", zero.join().unwrap().err().unwrap()).contains("no NCCL"));
         let e = format!("{:#}", one.join().unwrap().err().unwrap());
-        assert!(e.contains("could not make the rendezvous payload: no NCCL"), "{e}");
+        assert!(
+            e.contains("could not make the rendezvous payload: no NCCL"),
+            "{e}"
+        );
     }
 }

@@ -20,7 +20,8 @@ impl Listener {
     pub fn bind(env: &DistEnv) -> anyhow::Result<Self> {
         let mut addr = listen_address(env);
         addr.set_port(0);
-        let l = TcpListener::bind(addr).with_context(|| format!("rank 0 cannot listen on {addr} for data"))?;
+        let l = TcpListener::bind(addr)
+            .with_context(|| format!("rank 0 cannot listen on {addr} for data"))?;
         Ok(Self(l))
     }
 
@@ -38,7 +39,12 @@ pub struct TcpCollectives {
 impl TcpCollectives {
     /// Connects the group's data links: rank 0 accepts every other rank on `listener`;
     /// the others connect to `MASTER_ADDR:port` (given by the rendezvous).
-    pub fn connect(env: &DistEnv, listener: Option<Listener>, port: u16, timeout: Duration) -> anyhow::Result<Self> {
+    pub fn connect(
+        env: &DistEnv,
+        listener: Option<Listener>,
+        port: u16,
+        timeout: Duration,
+    ) -> anyhow::Result<Self> {
         let deadline = Instant::now() + timeout;
         let links = if env.rank == 0 {
             let listener = listener.context("rank 0 needs its data listener")?.0;
@@ -49,17 +55,24 @@ impl TcpCollectives {
                     Ok((mut s, _)) => {
                         s.set_nonblocking(false)?;
                         let mut r = [0u8; 4];
-                        s.read_exact(&mut r).context("reading a peer's rank on its data link")?;
+                        s.read_exact(&mut r)
+                            .context("reading a peer's rank on its data link")?;
                         let r = u32::from_le_bytes(r) as usize;
                         match slots.get_mut(r.wrapping_sub(1)) {
                             Some(slot @ None) => *slot = Some(s),
-                            _ => bail!("data link from rank {r}: not a rank of this group, or twice"),
+                            _ => {
+                                bail!("data link from rank {r}: not a rank of this group, or twice")
+                            }
                         }
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         if Instant::now() >= deadline {
-                            let absent: Vec<usize> = (1..env.world_size).filter(|&r| slots[r - 1].is_none()).collect();
-                            bail!("data links: ranks {absent:?} did not connect within {timeout:?}");
+                            let absent: Vec<usize> = (1..env.world_size)
+                                .filter(|&r| slots[r - 1].is_none())
+                                .collect();
+                            bail!(
+                                "data links: ranks {absent:?} did not connect within {timeout:?}"
+                            );
                         }
                         std::thread::sleep(Duration::from_millis(5));
                     }
@@ -76,7 +89,11 @@ impl TcpCollectives {
                         let _ = e;
                         std::thread::sleep(Duration::from_millis(20));
                     }
-                    Err(e) => return Err(e).with_context(|| format!("rank {}: data link to rank 0 at {addr}", env.rank)),
+                    Err(e) => {
+                        return Err(e).with_context(|| {
+                            format!("rank {}: data link to rank 0 at {addr}", env.rank)
+                        })
+                    }
                 }
             };
             s.write_all(&(env.rank as u32).to_le_bytes())?;
@@ -85,7 +102,10 @@ impl TcpCollectives {
         for l in &links {
             l.set_nodelay(true)?;
         }
-        Ok(Self { rank: env.rank, links })
+        Ok(Self {
+            rank: env.rank,
+            links,
+        })
     }
 
     /// Sums `t` (1-D, f16/bf16/f32/f64/i64, CPU) over the ranks, in place.
@@ -94,12 +114,14 @@ impl TcpCollectives {
         if self.rank == 0 {
             let mut sum = t.to_kind(kind).contiguous();
             for (i, link) in self.links.iter_mut().enumerate() {
-                let peer = read_tensor(link, kind, sum.numel()).with_context(|| format!("all-reduce: from rank {}", i + 1))?;
+                let peer = read_tensor(link, kind, sum.numel())
+                    .with_context(|| format!("all-reduce: from rank {}", i + 1))?;
                 sum += peer;
             }
             let bytes = to_bytes(&sum)?;
             for (i, link) in self.links.iter_mut().enumerate() {
-                write_frame(link, &bytes).with_context(|| format!("all-reduce: to rank {}", i + 1))?;
+                write_frame(link, &bytes)
+                    .with_context(|| format!("all-reduce: to rank {}", i + 1))?;
             }
             copy_into(t, &sum);
         } else {
@@ -116,10 +138,12 @@ impl TcpCollectives {
         if self.rank == 0 {
             let bytes = to_bytes(t)?;
             for (i, link) in self.links.iter_mut().enumerate() {
-                write_frame(link, &bytes).with_context(|| format!("broadcast: to rank {}", i + 1))?;
+                write_frame(link, &bytes)
+                    .with_context(|| format!("broadcast: to rank {}", i + 1))?;
             }
         } else {
-            let v = read_tensor(&mut self.links[0], t.kind(), t.numel()).context("broadcast: from rank 0")?;
+            let v = read_tensor(&mut self.links[0], t.kind(), t.numel())
+                .context("broadcast: from rank 0")?;
             copy_into(t, &v);
         }
         Ok(())
@@ -128,7 +152,11 @@ impl TcpCollectives {
 
 fn check(t: &Tensor) -> anyhow::Result<()> {
     if t.device().is_cuda() || t.dim() > 1 && !t.is_contiguous() {
-        bail!("TCP collectives take contiguous CPU tensors, got {:?} on {:?}", t.size(), t.device());
+        bail!(
+            "TCP collectives take contiguous CPU tensors, got {:?} on {:?}",
+            t.size(),
+            t.device()
+        );
     }
     Ok(())
 }
@@ -165,7 +193,8 @@ fn write_frame(s: &mut TcpStream, bytes: &[u8]) -> anyhow::Result<()> {
 
 fn read_tensor(s: &mut TcpStream, kind: Kind, numel: usize) -> anyhow::Result<Tensor> {
     let mut len = [0u8; 8];
-    s.read_exact(&mut len).context("the peer closed the connection")?;
+    s.read_exact(&mut len)
+        .context("the peer closed the connection")?;
     let len = u64::from_le_bytes(len) as usize;
     let want = numel * element_size(kind)?;
     if len != want {

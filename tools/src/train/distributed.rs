@@ -83,12 +83,24 @@ impl Distributed {
         if gpu {
             return Self::start_nccl(env, timeout);
         }
-        let listener = if rank == 0 { Some(Listener::bind(env)?) } else { None };
-        let port = listener.as_ref().map(Listener::port).transpose()?.unwrap_or(0);
-        let (payload, mut group) = rendezvous(env, move || Ok(port.to_le_bytes().to_vec()), timeout)?;
+        let listener = if rank == 0 {
+            Some(Listener::bind(env)?)
+        } else {
+            None
+        };
+        let port = listener
+            .as_ref()
+            .map(Listener::port)
+            .transpose()?
+            .unwrap_or(0);
+        let (payload, mut group) =
+            rendezvous(env, move || Ok(port.to_le_bytes().to_vec()), timeout)?;
         let port = match payload.as_slice() {
             [a, b] => u16::from_le_bytes([*a, *b]),
-            _ => bail!("rendezvous payload of {} bytes, expected a port", payload.len()),
+            _ => bail!(
+                "rendezvous payload of {} bytes, expected a port",
+                payload.len()
+            ),
         };
         let tcp = TcpCollectives::connect(env, listener, port, timeout)?;
         group.watch(move |msg| exit_naming(rank, msg))?;
@@ -121,7 +133,9 @@ impl Distributed {
         group.watch(on_failure)?;
         let stall = {
             let nccl = nccl.clone();
-            StallWatch::start(stall_timeout(), move |since| stalled(rank, since, move || nccl.abort()))
+            StallWatch::start(stall_timeout(), move |since| {
+                stalled(rank, since, move || nccl.abort())
+            })
         };
         Ok(Self {
             rank,
@@ -155,7 +169,10 @@ impl Distributed {
         match &self.backend {
             #[cfg(feature = "cuda")]
             Collectives::Nccl(n) => n.all_reduce_sum(t),
-            Collectives::Tcp(c) => c.lock().unwrap_or_else(|p| p.into_inner()).all_reduce_sum(t),
+            Collectives::Tcp(c) => c
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .all_reduce_sum(t),
         }
     }
 
@@ -175,7 +192,9 @@ impl Distributed {
             return self.all_reduce_mean(t);
         }
         let _guard = tch::no_grad_guard();
-        let wire = t.f_mul_scalar(1.0 / self.world_size as f64)?.f_to_kind(kind)?;
+        let wire = t
+            .f_mul_scalar(1.0 / self.world_size as f64)?
+            .f_to_kind(kind)?;
         self.all_reduce_sum(&wire)?;
         let mut t = t.shallow_clone();
         t.f_copy_(&wire)?;
@@ -196,7 +215,9 @@ impl Distributed {
         let device = self.device.map_or(Device::Cpu, Device::Cuda);
         let t = Tensor::from_slice(values).to_device(device);
         self.all_reduce_sum(&t)?;
-        Ok(Vec::<f64>::try_from(t.to_device(Device::Cpu).to_kind(Kind::Double))?)
+        Ok(Vec::<f64>::try_from(
+            t.to_device(Device::Cpu).to_kind(Kind::Double),
+        )?)
     }
 
     /// Tells the other ranks why this one stops (they exit naming it).
@@ -236,7 +257,10 @@ impl StallWatch {
         std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
                 std::thread::sleep(tick);
-                let since = l.lock().unwrap_or_else(|p| p.into_inner()).map(|t| t.elapsed());
+                let since = l
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .map(|t| t.elapsed());
                 if let Some(since) = since.filter(|&d| d > timeout) {
                     if !s.load(Ordering::Relaxed) {
                         on_stall(since);
@@ -277,7 +301,9 @@ mod tests {
     #[test]
     fn a_stall_is_reported_once_and_progress_keeps_it_away() {
         let (tx, rx) = mpsc::channel();
-        let watch = StallWatch::start(Duration::from_millis(150), move |since| tx.send(since).unwrap());
+        let watch = StallWatch::start(Duration::from_millis(150), move |since| {
+            tx.send(since).unwrap()
+        });
         // Not armed before the first progress (set-up is not timed).
         std::thread::sleep(Duration::from_millis(400));
         assert!(rx.try_recv().is_err(), "set-up is not timed");
@@ -289,13 +315,18 @@ mod tests {
         let since = rx.recv_timeout(Duration::from_secs(5)).expect("a stall");
         assert!(since >= Duration::from_millis(150));
         drop(watch);
-        assert!(rx.recv_timeout(Duration::from_millis(300)).is_err(), "reported once");
+        assert!(
+            rx.recv_timeout(Duration::from_millis(300)).is_err(),
+            "reported once"
+        );
     }
 
     #[test]
     fn a_stopped_watch_reports_nothing() {
         let (tx, rx) = mpsc::channel();
-        let watch = StallWatch::start(Duration::from_millis(50), move |since| tx.send(since).unwrap());
+        let watch = StallWatch::start(Duration::from_millis(50), move |since| {
+            tx.send(since).unwrap()
+        });
         watch.progress();
         drop(watch);
         assert!(rx.recv_timeout(Duration::from_millis(300)).is_err());

@@ -23,7 +23,12 @@ pub fn weights_file(source: &Path, arch: Arch) -> anyhow::Result<PathBuf> {
     let dir = checkpoint::resolve(source).context("--init-from")?;
     let meta = CheckpointMeta::load(&dir)?;
     if meta.arch != arch.name() {
-        bail!("--init-from {} holds {} weights but --arch is {}", source.display(), meta.arch, arch.name());
+        bail!(
+            "--init-from {} holds {} weights but --arch is {}",
+            source.display(),
+            meta.arch,
+            arch.name()
+        );
     }
     Ok(dir.join(checkpoint::MODEL_NAME))
 }
@@ -52,7 +57,11 @@ pub fn init_from(vs: &VarStore, source: &Path, arch: Arch) -> anyhow::Result<()>
             path.display(), t[0], o[0], o[0], o[1], o[0]
         );
     }
-    eprintln!("initialised {} tensors from {}", summary.loaded, path.display());
+    eprintln!(
+        "initialised {} tensors from {}",
+        summary.loaded,
+        path.display()
+    );
     Ok(())
 }
 

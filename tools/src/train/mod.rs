@@ -23,7 +23,9 @@ use clap::{Args, ValueEnum};
 use convnets_formats::RecordSource;
 use convnets_models::{Arch, MemoryFormat, ModelConfig};
 use convnets_pipeline::cpu::augment::{Layout, OutputDtype, OutputSpec};
-use convnets_pipeline::loader::{Backend, BadRecordPolicy, Batch, Loader, LoaderConfig, LoaderState, Transform};
+use convnets_pipeline::loader::{
+    Backend, BadRecordPolicy, Batch, Loader, LoaderConfig, LoaderState, Transform,
+};
 use convnets_pipeline::plan::{CenterCrop, RandomResizedCrop};
 use convnets_pipeline::sampler::{LastBatch, SamplerConfig};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -37,9 +39,9 @@ use crate::gpu_loader_args::GpuLoaderArgs;
 use crate::source::open_split;
 use run_dir::RunDir;
 use scaler::LossScaler;
-use step::{HostBatchRelease, StepInput, StepOptions, TrainStep};
 use schedule::{LrSchedule, ScheduleKind};
 use sgd::Sgd;
+use step::{HostBatchRelease, StepInput, StepOptions, TrainStep};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 pub enum LoaderKind {
@@ -300,7 +302,11 @@ pub fn train(cmd: TrainCommand) -> anyhow::Result<()> {
     let dist = match &env {
         Some(env) => {
             if cmd.args.gpus > 1 && cmd.args.gpus != env.world_size {
-                bail!("--gpus {} but the environment has a group of {}", cmd.args.gpus, env.world_size);
+                bail!(
+                    "--gpus {} but the environment has a group of {}",
+                    cmd.args.gpus,
+                    env.world_size
+                );
             }
             // NCCL between GPUs; TCP between processes training on CPUs.
             let gpu = device_of(cmd.args.device)?.is_cuda();
@@ -326,17 +332,30 @@ pub fn train(cmd: TrainCommand) -> anyhow::Result<()> {
 /// the epoch, rounded down to whole batches (the sampler deals batch k of every rank from
 /// the same global stretch of the epoch, so that is where the new group goes on).
 fn regroup(pos: LoaderState, old: usize, new: usize) -> LoaderState {
-    LoaderState { epoch: pos.epoch, batch: pos.batch * old / new.max(1) }
+    LoaderState {
+        epoch: pos.epoch,
+        batch: pos.batch * old / new.max(1),
+    }
 }
 
 /// The GPUs the launcher hands to its `n` ranks: the visible ones, in order.
 fn visible_gpus(n: usize) -> anyhow::Result<Vec<String>> {
-    let listed: Option<Vec<String>> = std::env::var("CUDA_VISIBLE_DEVICES")
-        .ok()
-        .map(|v| v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect());
+    let listed: Option<Vec<String>> = std::env::var("CUDA_VISIBLE_DEVICES").ok().map(|v| {
+        v.split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect()
+    });
     let count = tch::Cuda::device_count() as usize;
     if count < n {
-        bail!("--gpus {n}: {count} GPU(s) visible{}", if cfg!(feature = "cuda") { "" } else { " (built without CUDA)" });
+        bail!(
+            "--gpus {n}: {count} GPU(s) visible{}",
+            if cfg!(feature = "cuda") {
+                ""
+            } else {
+                " (built without CUDA)"
+            }
+        );
     }
     Ok(match listed {
         Some(l) => l.into_iter().take(n).collect(),
@@ -345,7 +364,10 @@ fn visible_gpus(n: usize) -> anyhow::Result<Vec<String>> {
 }
 
 /// One rank's run (all of it without a group).
-fn train_rank(cmd: TrainCommand, dist: Option<Arc<distributed::Distributed>>) -> anyhow::Result<()> {
+fn train_rank(
+    cmd: TrainCommand,
+    dist: Option<Arc<distributed::Distributed>>,
+) -> anyhow::Result<()> {
     let main = dist.as_ref().is_none_or(|d| d.is_main());
     let run = RunDir::new(&cmd.args.output);
     let (args, resume) = if cmd.resume {
@@ -353,7 +375,10 @@ fn train_rank(cmd: TrainCommand, dist: Option<Arc<distributed::Distributed>>) ->
         // A resumed run keeps its recipe; only the stopping point is taken from this call.
         args.max_steps = cmd.args.max_steps;
         let (dir, state) = run.latest()?.with_context(|| {
-            format!("--resume: {} holds no finished checkpoint", cmd.args.output.display())
+            format!(
+                "--resume: {} holds no finished checkpoint",
+                cmd.args.output.display()
+            )
         })?;
         (args, Some((dir, state)))
     } else {
@@ -382,7 +407,10 @@ fn check_args(args: &TrainArgs) -> anyhow::Result<()> {
     check_hyperparameters(args)?;
     convnets_pipeline::loader::check_threads(args.threads)?;
     if !(args.backbone_lr_scale.is_finite() && args.backbone_lr_scale >= 0.0) {
-        bail!("--backbone-lr-scale must be a finite number >= 0, got {}", args.backbone_lr_scale);
+        bail!(
+            "--backbone-lr-scale must be a finite number >= 0, got {}",
+            args.backbone_lr_scale
+        );
     }
     if args.freeze_backbone && args.backbone_lr_scale != 1.0 {
         bail!("--backbone-lr-scale has no effect with --freeze-backbone (the backbone does not train); drop one");
@@ -409,19 +437,53 @@ fn check_args(args: &TrainArgs) -> anyhow::Result<()> {
 fn check_hyperparameters(args: &TrainArgs) -> anyhow::Result<()> {
     let checks: [(&str, f64, bool, &str); 7] = [
         ("--lr", args.lr, args.lr > 0.0, "a finite number > 0"),
-        ("--warmup-epochs", args.warmup_epochs, args.warmup_epochs >= 0.0, "a finite number >= 0"),
-        ("--momentum", args.momentum, args.momentum >= 0.0, "a finite number >= 0"),
-        ("--weight-decay", args.weight_decay, args.weight_decay >= 0.0, "a finite number >= 0"),
-        ("--label-smoothing", args.label_smoothing, (0.0..=1.0).contains(&args.label_smoothing), "between 0 and 1"),
-        ("--mixup", args.mixup, args.mixup >= 0.0, "a finite number >= 0 (0: off)"),
-        ("--ema", args.ema.unwrap_or(0.5), args.ema.is_none_or(|d| d > 0.0 && d < 1.0), "between 0 and 1, exclusive"),
+        (
+            "--warmup-epochs",
+            args.warmup_epochs,
+            args.warmup_epochs >= 0.0,
+            "a finite number >= 0",
+        ),
+        (
+            "--momentum",
+            args.momentum,
+            args.momentum >= 0.0,
+            "a finite number >= 0",
+        ),
+        (
+            "--weight-decay",
+            args.weight_decay,
+            args.weight_decay >= 0.0,
+            "a finite number >= 0",
+        ),
+        (
+            "--label-smoothing",
+            args.label_smoothing,
+            (0.0..=1.0).contains(&args.label_smoothing),
+            "between 0 and 1",
+        ),
+        (
+            "--mixup",
+            args.mixup,
+            args.mixup >= 0.0,
+            "a finite number >= 0 (0: off)",
+        ),
+        (
+            "--ema",
+            args.ema.unwrap_or(0.5),
+            args.ema.is_none_or(|d| d > 0.0 && d < 1.0),
+            "between 0 and 1, exclusive",
+        ),
     ];
     for (flag, value, ok, what) in checks {
         if !(value.is_finite() && ok) {
             bail!("{flag} must be {what}, got {value}");
         }
     }
-    if let Some(bad) = args.lr_steps.iter().find(|s| !(s.is_finite() && **s >= 0.0)) {
+    if let Some(bad) = args
+        .lr_steps
+        .iter()
+        .find(|s| !(s.is_finite() && **s >= 0.0))
+    {
         bail!("--lr-steps must be finite epochs >= 0, got {bad}");
     }
     if args.nesterov && args.momentum == 0.0 {
@@ -436,7 +498,12 @@ pub(crate) fn resolve_loader(kind: LoaderKind, device: Device) -> (LoaderKind, O
         return (kind, None);
     }
     if !device.is_cuda() {
-        return (LoaderKind::Cpu, Some(format!("--loader auto: the CPU loader, as the model runs on {device:?}")));
+        return (
+            LoaderKind::Cpu,
+            Some(format!(
+                "--loader auto: the CPU loader, as the model runs on {device:?}"
+            )),
+        );
     }
     match convnets_pipeline::device::gpus() {
         Ok(_) => (
@@ -477,7 +544,14 @@ pub(crate) fn device_of(arg: DeviceArg) -> anyhow::Result<Device> {
         DeviceArg::Cpu => Device::Cpu,
         DeviceArg::Auto => Device::cuda_if_available(),
         DeviceArg::Cuda if tch::Cuda::is_available() => Device::Cuda(0),
-        DeviceArg::Cuda => bail!("--device cuda: libtorch sees no GPU{}", if cfg!(feature = "cuda") { "" } else { " (built without CUDA)" }),
+        DeviceArg::Cuda => bail!(
+            "--device cuda: libtorch sees no GPU{}",
+            if cfg!(feature = "cuda") {
+                ""
+            } else {
+                " (built without CUDA)"
+            }
+        ),
     })
 }
 
@@ -527,7 +601,8 @@ impl Trainer {
         let (loader, loader_choice) = resolve_loader(args.loader, device);
         args.loader = loader;
         let world = dist.as_ref().map_or(1, |d| d.world_size);
-        if let (Device::Cpu, Some(local)) = (device, dist.as_ref().and_then(|d| d.local_world_size)) {
+        if let (Device::Cpu, Some(local)) = (device, dist.as_ref().and_then(|d| d.local_world_size))
+        {
             // Ranks computing on the CPUs of one machine share its cores (as torchrun's
             // OMP_NUM_THREADS does) rather than each starting one thread per core.
             tch::set_num_threads(convnets_pipeline::loader::core_share(local) as i32);
@@ -535,7 +610,11 @@ impl Trainer {
         let (train, val, classes) = match (&args.loader, &args.data) {
             (LoaderKind::Cpu | LoaderKind::Gpu | LoaderKind::Auto, Some(data)) => {
                 let train = open_split(data, "train", 1)?;
-                let val = if args.eval_every > 0 { Some(open_split(data, "val", 1)?) } else { None };
+                let val = if args.eval_every > 0 {
+                    Some(open_split(data, "val", 1)?)
+                } else {
+                    None
+                };
                 let classes = convnets_formats::Dataset::open(data)
                     .map(|d| d.manifest().classes.clone())
                     .unwrap_or_default();
@@ -543,15 +622,26 @@ impl Trainer {
             }
             _ => (None, None, Vec::new()),
         };
-        let num_classes = if classes.is_empty() { 1000 } else { classes.len() as i64 };
+        let num_classes = if classes.is_empty() {
+            1000
+        } else {
+            classes.len() as i64
+        };
         let mut vs = VarStore::new(Device::Cpu);
-        let memory_format = if device.is_cuda() { MemoryFormat::ChannelsLast } else { MemoryFormat::Contiguous };
+        let memory_format = if device.is_cuda() {
+            MemoryFormat::ChannelsLast
+        } else {
+            MemoryFormat::Contiguous
+        };
         let model = {
             // libtorch's generator is global: hold it while seeding and initialising, so
             // that the same seed gives the same weights even with other runs in the process.
             let _rng = INIT_RNG.lock().unwrap_or_else(|p| p.into_inner());
             tch::manual_seed(args.seed as i64);
-            let cfg = ModelConfig { memory_format, zero_init_last_bn: args.zero_init_residual };
+            let cfg = ModelConfig {
+                memory_format,
+                zero_init_last_bn: args.zero_init_residual,
+            };
             args.arch.build(&vs.root(), num_classes, &cfg)?
         };
         let mut meta = CheckpointMeta::new(args.arch, num_classes);
@@ -577,7 +667,12 @@ impl Trainer {
             if args.ema.is_some() {
                 ema_state = Some(Tensor::read_safetensors(dir.join(checkpoint::EMA_NAME))?);
             }
-            eprintln!("resuming from {} (epoch {}, step {})", dir.display(), saved.epoch, saved.step);
+            eprintln!(
+                "resuming from {} (epoch {}, step {})",
+                dir.display(),
+                saved.epoch,
+                saved.step
+            );
             state = saved;
             if state.world_size != world {
                 let old = state.world_size;
@@ -613,8 +708,11 @@ impl Trainer {
             }
             // In name order: every rank must issue the same collectives in the same order
             // (`variables()` is a HashMap, whose order differs between processes).
-            let mut buffers: Vec<(String, Tensor)> =
-                vs.variables().into_iter().filter(|(_, t)| !t.requires_grad()).collect();
+            let mut buffers: Vec<(String, Tensor)> = vs
+                .variables()
+                .into_iter()
+                .filter(|(_, t)| !t.requires_grad())
+                .collect();
             buffers.sort_by(|a, b| a.0.cmp(&b.0));
             for (_, t) in &buffers {
                 d.broadcast_from_main(t)?;
@@ -632,7 +730,10 @@ impl Trainer {
             kind: match args.lr_schedule {
                 ScheduleArg::Cosine => ScheduleKind::Cosine,
                 ScheduleArg::Linear => ScheduleKind::Linear,
-                ScheduleArg::Step => ScheduleKind::Step { milestones: args.lr_steps.clone(), gamma: 0.1 },
+                ScheduleArg::Step => ScheduleKind::Step {
+                    milestones: args.lr_steps.clone(),
+                    gamma: 0.1,
+                },
             },
         };
         let opts = StepOptions {
@@ -645,9 +746,30 @@ impl Trainer {
         };
         let step = TrainStep::new(sgd, &state.scaler, opts, device)?;
         let main = dist.as_ref().is_none_or(|d| d.is_main());
-        let log = if main { Some(run.open_log(state.step)?) } else { None };
+        let log = if main {
+            Some(run.open_log(state.step)?)
+        } else {
+            None
+        };
         let checkpoints = run_dir::CheckpointWriter::new();
-        let mut trainer = Self { args, run, device, vs, model, step, schedule, meta, train, val, state, log, checkpoints, dist, stop: false, loader_choice };
+        let mut trainer = Self {
+            args,
+            run,
+            device,
+            vs,
+            model,
+            step,
+            schedule,
+            meta,
+            train,
+            val,
+            state,
+            log,
+            checkpoints,
+            dist,
+            stop: false,
+            loader_choice,
+        };
         if let Some(why) = trainer.loader_choice.clone() {
             if trainer.main() {
                 eprintln!("{why}");
@@ -660,7 +782,14 @@ impl Trainer {
     /// Copies the weights, optimizer and loader state to host memory now and writes them
     /// in the background (the previous checkpoint's write finishes first).
     fn save_checkpoint(&mut self, is_best: bool) -> anyhow::Result<()> {
-        let snapshot = self.run.snapshot(&self.vs, &self.step.sgd, &self.meta, &self.state, is_best, self.args.keep_last)?;
+        let snapshot = self.run.snapshot(
+            &self.vs,
+            &self.step.sgd,
+            &self.meta,
+            &self.state,
+            is_best,
+            self.args.keep_last,
+        )?;
         self.checkpoints.submit(snapshot)
     }
 
@@ -672,21 +801,37 @@ impl Trainer {
         let cuda = self.device.is_cuda();
         let gpu = self.args.loader == LoaderKind::Gpu;
         let device = self.dist.as_ref().and_then(|d| d.device).unwrap_or(0);
-        let local = self.dist.as_ref().and_then(|d| d.local_world_size).unwrap_or(1);
+        let local = self
+            .dist
+            .as_ref()
+            .and_then(|d| d.local_world_size)
+            .unwrap_or(1);
         let mut options = self.args.gpu.options(device);
         if options.hardware_share.is_none() && !eval {
-            let threads = if self.args.threads > 0 { self.args.threads } else { convnets_pipeline::loader::core_share(local) };
+            let threads = if self.args.threads > 0 {
+                self.args.threads
+            } else {
+                convnets_pipeline::loader::core_share(local)
+            };
             options.hardware_share = Some(training_hardware_share(threads, self.args.arch));
         }
         LoaderConfig {
-            backend: if gpu { Backend::Gpu(options) } else { Backend::Cpu },
+            backend: if gpu {
+                Backend::Gpu(options)
+            } else {
+                Backend::Cpu
+            },
             sampler: SamplerConfig {
                 seed: self.args.seed,
                 shuffle: !eval,
                 batch_size: self.args.batch_size,
                 rank: self.dist.as_ref().map_or(0, |d| d.rank),
                 world_size: self.dist.as_ref().map_or(1, |d| d.world_size),
-                last_batch: if eval { LastBatch::Partial } else { LastBatch::Drop },
+                last_batch: if eval {
+                    LastBatch::Partial
+                } else {
+                    LastBatch::Drop
+                },
             },
             transform: if eval {
                 Transform::Eval(CenterCrop::for_crop(self.args.image_size))
@@ -697,13 +842,21 @@ impl Trainer {
                 width: self.args.image_size,
                 height: self.args.image_size,
                 // fp16 NHWC is what a channels_last fp16 model wants; fp32 NCHW on CPU.
-                dtype: if self.args.amp { OutputDtype::F16 } else { OutputDtype::F32 },
+                dtype: if self.args.amp {
+                    OutputDtype::F16
+                } else {
+                    OutputDtype::F32
+                },
                 layout: if cuda { Layout::Nhwc } else { Layout::Nchw },
                 normalize: Some(Default::default()),
             },
             threads: self.args.threads,
             // Local ranks split the machine's cores between their loaders.
-            local_processes: self.dist.as_ref().and_then(|d| d.local_world_size).unwrap_or(1),
+            local_processes: self
+                .dist
+                .as_ref()
+                .and_then(|d| d.local_world_size)
+                .unwrap_or(1),
             prefetch: 3,
             on_bad_record: self.args.on_bad_record.into(),
             pin_memory: (cuda && !gpu).then_some(self.device),
@@ -714,7 +867,11 @@ impl Trainer {
     fn run(mut self) -> anyhow::Result<()> {
         let started = Instant::now();
         let mut loader = match &self.train {
-            Some(src) => Some(Loader::new(src.clone(), self.loader_config(false), self.state.loader)?),
+            Some(src) => Some(Loader::new(
+                src.clone(),
+                self.loader_config(false),
+                self.state.loader,
+            )?),
             None => None,
         };
         let steps_per_epoch = loader.as_ref().map_or(100, |l| l.batches_per_epoch()) as u64;
@@ -723,9 +880,20 @@ impl Trainer {
             // A snapshot taken and dropped now pins the host memory that the epoch-end
             // snapshots then reuse (libtorch caches pinned blocks), so the first epoch
             // boundary does not pay for pinning ~3x the model's size.
-            drop(self.run.snapshot(&self.vs, &self.step.sgd, &self.meta, &self.state, false, self.args.keep_last)?);
+            drop(self.run.snapshot(
+                &self.vs,
+                &self.step.sgd,
+                &self.meta,
+                &self.state,
+                false,
+                self.args.keep_last,
+            )?);
         }
-        let bar = if self.main() { progress_bar(total_steps, self.state.step) } else { ProgressBar::hidden() };
+        let bar = if self.main() {
+            progress_bar(total_steps, self.state.step)
+        } else {
+            ProgressBar::hidden()
+        };
         let mut images_done = 0u64;
         // Start of the current epoch (time, images): whole-epoch rates include the boundary.
         let mut epoch_mark = (Instant::now(), 0u64);
@@ -738,10 +906,16 @@ impl Trainer {
             let epoch = self.state.epoch;
             let mut step_in_epoch = self.state.loader.batch as u64;
             loop {
-                if self.args.max_steps.is_some_and(|m| self.state.step >= m) || self.stop || (self.dist.is_none() && interrupted()) {
+                if self.args.max_steps.is_some_and(|m| self.state.step >= m)
+                    || self.stop
+                    || (self.dist.is_none() && interrupted())
+                {
                     // Stopped mid-epoch: save where we are so --resume continues exactly.
                     self.state.loader = loader.as_ref().map_or(
-                        LoaderState { epoch, batch: step_in_epoch as usize },
+                        LoaderState {
+                            epoch,
+                            batch: step_in_epoch as usize,
+                        },
                         |l| l.state(),
                     );
                     self.state.scaler = self.step.scaler_state()?;
@@ -749,7 +923,10 @@ impl Trainer {
                         self.save_checkpoint(false)?;
                         self.checkpoints.wait()?;
                     }
-                    bar.println(format!("stopped at step {}; checkpoint saved, continue with --resume", self.state.step));
+                    bar.println(format!(
+                        "stopped at step {}; checkpoint saved, continue with --resume",
+                        self.state.step
+                    ));
                     break 'epochs;
                 }
                 let batch = match &mut loader {
@@ -778,12 +955,15 @@ impl Trainer {
                 // at logging points (and the ranks agree there on stopping).
                 if self.state.step % self.args.log_every == 0 || step_in_epoch == steps_per_epoch {
                     let r = self.step.readout()?;
-                    let (loss, diverged) = self.agree(r.loss, r.nonfinite_streak >= NAN_STEPS_TO_STOP)?;
+                    let (loss, diverged) =
+                        self.agree(r.loss, r.nonfinite_streak >= NAN_STEPS_TO_STOP)?;
                     // All ranks together (each trained on as many images as this one).
                     let ranks = self.dist.as_ref().map_or(1, |d| d.world_size) as f64;
                     let img_s = window.1 as f64 * ranks / window.0.elapsed().as_secs_f64();
                     window = (Instant::now(), 0);
-                    bar.set_message(format!("epoch {epoch} loss {loss:.4} lr {lr:.4} {img_s:.0} img/s"));
+                    bar.set_message(format!(
+                        "epoch {epoch} loss {loss:.4} lr {lr:.4} {img_s:.0} img/s"
+                    ));
                     self.log(json!({"type": "train", "epoch": epoch, "step": self.state.step, "loss": loss,
                         "lr": lr, "img_s": img_s, "loss_scale": r.loss_scale, "skipped_steps": r.skipped_steps}))?;
                     // Divergence guard: a few non-finite losses in a row (skipped steps) end the run.
@@ -800,18 +980,34 @@ impl Trainer {
             }
             let steps_done = Instant::now();
             self.state.epoch += 1;
-            self.state.loader = loader.as_ref().map_or(LoaderState { epoch: epoch + 1, batch: 0 }, |l| l.state());
-            let eval = if self.val.is_some() && self.args.eval_every > 0 && (epoch + 1) % self.args.eval_every == 0 {
+            self.state.loader = loader.as_ref().map_or(
+                LoaderState {
+                    epoch: epoch + 1,
+                    batch: 0,
+                },
+                |l| l.state(),
+            );
+            let eval = if self.val.is_some()
+                && self.args.eval_every > 0
+                && (epoch + 1) % self.args.eval_every == 0
+            {
                 Some(self.evaluate()?)
             } else {
                 None
             };
             if let Some(e) = &eval {
                 self.log(json!({"type": "eval", "epoch": epoch, "step": self.state.step, "loss": e.loss, "top1": e.top1, "top5": e.top5, "images": e.images}))?;
-                bar.println(format!("epoch {epoch}: val top-1 {:.2} %, top-5 {:.2} %, loss {:.4}", e.top1 * 100.0, e.top5 * 100.0, e.loss));
+                bar.println(format!(
+                    "epoch {epoch}: val top-1 {:.2} %, top-5 {:.2} %, loss {:.4}",
+                    e.top1 * 100.0,
+                    e.top5 * 100.0,
+                    e.loss
+                ));
                 last_eval = Some(e.clone());
             }
-            let is_best = eval.as_ref().is_some_and(|e| self.state.best_top1.is_none_or(|b| e.top1 > b));
+            let is_best = eval
+                .as_ref()
+                .is_some_and(|e| self.state.best_top1.is_none_or(|b| e.top1 > b));
             if is_best {
                 self.state.best_top1 = eval.as_ref().map(|e| e.top1);
             }
@@ -879,18 +1075,42 @@ impl Trainer {
     }
 
     /// One optimisation step (queued on the device, not waited for); returns the images.
-    fn train_step(&mut self, batch: Option<Batch>, lr: f64, held: &mut HostBatchRelease<Batch>) -> anyhow::Result<u64> {
-        let kind = if self.args.amp { Kind::Half } else { Kind::Float };
+    fn train_step(
+        &mut self,
+        batch: Option<Batch>,
+        lr: f64,
+        held: &mut HostBatchRelease<Batch>,
+    ) -> anyhow::Result<u64> {
+        let kind = if self.args.amp {
+            Kind::Half
+        } else {
+            Kind::Float
+        };
         let (images, labels) = match &batch {
             // Asynchronous from pinned memory on the CPU path (a no-op for GPU batches);
             // `held` keeps the batch until the copy is done.
-            Some(b) => (b.images.f_to_device_(self.device, kind, true, false)?, b.labels.f_to_device_(self.device, Kind::Int64, true, false)?),
-            None => step::synthetic_batch(self.args.batch_size as i64, i64::from(self.args.image_size), self.meta.num_classes, self.device, self.args.amp)?,
+            Some(b) => (
+                b.images.f_to_device_(self.device, kind, true, false)?,
+                b.labels
+                    .f_to_device_(self.device, Kind::Int64, true, false)?,
+            ),
+            None => step::synthetic_batch(
+                self.args.batch_size as i64,
+                i64::from(self.args.image_size),
+                self.meta.num_classes,
+                self.device,
+                self.args.amp,
+            )?,
         };
         let n = labels.size()[0] as u64;
         let (images, mixed_with) = self.mixup(images, &labels)?;
-        let input = StepInput { images: &images, labels: &labels, mixed_with: mixed_with.as_ref().map(|(l, t)| (*l, t)) };
-        self.step.run(&self.model, input, lr, self.dist.as_deref())?;
+        let input = StepInput {
+            images: &images,
+            labels: &labels,
+            mixed_with: mixed_with.as_ref().map(|(l, t)| (*l, t)),
+        };
+        self.step
+            .run(&self.model, input, lr, self.dist.as_deref())?;
         if let Some(b) = batch {
             held.hold(b, self.device)?;
         }
@@ -899,7 +1119,11 @@ impl Trainer {
 
     /// Mixup of a batch with a shuffled copy of itself; the weight and the permutation come
     /// from (seed, step), so a resumed run mixes exactly as the uninterrupted one.
-    fn mixup(&self, images: Tensor, labels: &Tensor) -> anyhow::Result<(Tensor, Option<(f64, Tensor)>)> {
+    fn mixup(
+        &self,
+        images: Tensor,
+        labels: &Tensor,
+    ) -> anyhow::Result<(Tensor, Option<(f64, Tensor)>)> {
         if self.args.mixup <= 0.0 {
             return Ok((images, None));
         }
@@ -938,7 +1162,13 @@ impl Trainer {
     fn evaluate(&mut self) -> anyhow::Result<EvalResult> {
         let val = self.val.clone().context("no val split")?;
         self.step.sgd.swap_ema();
-        let result = evaluate(&self.model, val, self.loader_config(true), self.device, self.args.amp);
+        let result = evaluate(
+            &self.model,
+            val,
+            self.loader_config(true),
+            self.device,
+            self.args.amp,
+        );
         self.step.sgd.swap_ema();
         let r = result?;
         let Some(d) = &self.dist else { return Ok(r) };
@@ -946,7 +1176,12 @@ impl Trainer {
         let s = d.sum_values(&[r.loss * n, r.top1 * n, r.top5 * n, n])?;
         d.progress();
         let total = s[3].max(1.0);
-        Ok(EvalResult { loss: s[0] / total, top1: s[1] / total, top5: s[2] / total, images: s[3] as u64 })
+        Ok(EvalResult {
+            loss: s[0] / total,
+            top1: s[1] / total,
+            top5: s[2] / total,
+            images: s[3] as u64,
+        })
     }
 
     fn log(&mut self, line: serde_json::Value) -> anyhow::Result<()> {
@@ -960,8 +1195,10 @@ impl Trainer {
 fn progress_bar(total: u64, done: u64) -> ProgressBar {
     let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
     bar.set_style(
-        ProgressStyle::with_template("[{elapsed_precise}] {bar:30} {pos}/{len} steps eta {eta} {msg}")
-            .expect("valid template"),
+        ProgressStyle::with_template(
+            "[{elapsed_precise}] {bar:30} {pos}/{len} steps eta {eta} {msg}",
+        )
+        .expect("valid template"),
     );
     bar.set_position(done);
     bar
@@ -988,10 +1225,16 @@ pub fn evaluate(
     let (mut loss_sum, mut top1, mut top5, mut n) = (0.0, 0i64, 0i64, 0i64);
     while let Some(batch) = loader.next_batch() {
         let batch = batch?;
-        let images = batch.images.to_device(device).to_kind(if amp { Kind::Half } else { Kind::Float });
+        let images =
+            batch
+                .images
+                .to_device(device)
+                .to_kind(if amp { Kind::Half } else { Kind::Float });
         let labels = batch.labels.to_device(device);
         let logits = tch::autocast(amp, || model.forward_t(&images, false)).to_kind(Kind::Float);
-        loss_sum += logits.cross_entropy_loss::<Tensor>(&labels, None, Reduction::Sum, -100, 0.0).double_value(&[]);
+        loss_sum += logits
+            .cross_entropy_loss::<Tensor>(&labels, None, Reduction::Sum, -100, 0.0)
+            .double_value(&[]);
         let k = logits.size()[1].min(5);
         let (_, top) = logits.topk(k, 1, true, true);
         let hit = top.eq_tensor(&labels.unsqueeze(1));
@@ -1000,7 +1243,12 @@ pub fn evaluate(
         n += labels.size()[0];
     }
     let n_f = n.max(1) as f64;
-    Ok(EvalResult { loss: loss_sum / n_f, top1: top1 as f64 / n_f, top5: top5 as f64 / n_f, images: n as u64 })
+    Ok(EvalResult {
+        loss: loss_sum / n_f,
+        top1: top1 as f64 / n_f,
+        top5: top5 as f64 / n_f,
+        images: n as u64,
+    })
 }
 
 #[derive(Debug, Args)]
@@ -1039,16 +1287,34 @@ pub struct EvalArgs {
 
 pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
     let device = device_of(a.device)?;
-    let memory_format = if device.is_cuda() { MemoryFormat::ChannelsLast } else { MemoryFormat::Contiguous };
+    let memory_format = if device.is_cuda() {
+        MemoryFormat::ChannelsLast
+    } else {
+        MemoryFormat::Contiguous
+    };
     let dir = checkpoint::resolve(&a.checkpoint)?;
-    let loaded = checkpoint::load(&dir, device, &ModelConfig { memory_format, ..ModelConfig::default() })?;
+    let loaded = checkpoint::load(
+        &dir,
+        device,
+        &ModelConfig {
+            memory_format,
+            ..ModelConfig::default()
+        },
+    )?;
     if a.ema {
         checkpoint::apply_ema(&loaded.vs, &dir)?;
     }
     let backend = match a.loader {
         LoaderKind::Cpu => Backend::Cpu,
         LoaderKind::Gpu if device.is_cuda() => Backend::Gpu(a.gpu.options(0)),
-        LoaderKind::Gpu => bail!("--loader gpu needs a GPU{}", if cfg!(feature = "cuda") { "" } else { " (built without CUDA)" }),
+        LoaderKind::Gpu => bail!(
+            "--loader gpu needs a GPU{}",
+            if cfg!(feature = "cuda") {
+                ""
+            } else {
+                " (built without CUDA)"
+            }
+        ),
         LoaderKind::Synthetic => bail!("eval needs real data: --loader cpu or gpu"),
         LoaderKind::Auto => match resolve_loader(LoaderKind::Auto, device).0 {
             LoaderKind::Gpu => Backend::Gpu(a.gpu.options(0)),
@@ -1062,13 +1328,22 @@ pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
     let val = open_split(&a.data, &a.split, 1)?;
     let cfg = LoaderConfig {
         backend,
-        sampler: SamplerConfig { shuffle: false, batch_size: a.batch_size, last_batch: LastBatch::Partial, ..Default::default() },
+        sampler: SamplerConfig {
+            shuffle: false,
+            batch_size: a.batch_size,
+            last_batch: LastBatch::Partial,
+            ..Default::default()
+        },
         transform: Transform::Eval(CenterCrop::for_crop(image_size)),
         output: OutputSpec {
             width: image_size,
             height: image_size,
             dtype: OutputDtype::F32,
-            layout: if device.is_cuda() { Layout::Nhwc } else { Layout::Nchw },
+            layout: if device.is_cuda() {
+                Layout::Nhwc
+            } else {
+                Layout::Nchw
+            },
             normalize: Some(Default::default()),
         },
         threads: a.threads,
@@ -1078,7 +1353,13 @@ pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
-        println!("{} images: top-1 {:.2} %, top-5 {:.2} %, loss {:.4}", r.images, r.top1 * 100.0, r.top5 * 100.0, r.loss);
+        println!(
+            "{} images: top-1 {:.2} %, top-5 {:.2} %, loss {:.4}",
+            r.images,
+            r.top1 * 100.0,
+            r.top5 * 100.0,
+            r.loss
+        );
     }
     Ok(())
 }
@@ -1097,10 +1378,16 @@ mod tests {
     #[test]
     fn training_sends_the_jpeg_engines_only_what_the_cpu_threads_cannot_carry() {
         let share = |t, arch| training_hardware_share(t, arch);
-        assert_eq!(share(16, Arch::ResNet50), 0.0, "16 threads carry resnet50 alone");
+        assert_eq!(
+            share(16, Arch::ResNet50),
+            0.0,
+            "16 threads carry resnet50 alone"
+        );
         assert_eq!(share(8, Arch::SeResNeXt101_32x4d), 0.0);
         assert!((share(8, Arch::ResNet50) - (1.0 - 4480.0 / 6100.0)).abs() < 1e-12);
-        assert!(share(1, Arch::ResNet50) > 0.9 && share(4, Arch::ResNet50) > share(8, Arch::ResNet50));
+        assert!(
+            share(1, Arch::ResNet50) > 0.9 && share(4, Arch::ResNet50) > share(8, Arch::ResNet50)
+        );
     }
 
     #[test]
@@ -1116,14 +1403,25 @@ mod tests {
 
     #[test]
     fn args_saved_before_fine_tuning_existed_still_load() -> anyhow::Result<()> {
-        let args = Cli::try_parse_from(["train", "--init-from", "w.safetensors", "--freeze-backbone", "-o", "run"])?.args;
+        let args = Cli::try_parse_from([
+            "train",
+            "--init-from",
+            "w.safetensors",
+            "--freeze-backbone",
+            "-o",
+            "run",
+        ])?
+        .args;
         let mut saved = serde_json::to_value(&args)?;
         assert_eq!(saved["init_from"], "w.safetensors");
         for key in ["init_from", "freeze_backbone", "backbone_lr_scale"] {
             saved.as_object_mut().context("an object")?.remove(key);
         }
         let old: TrainArgs = serde_json::from_value(saved)?;
-        assert_eq!((old.init_from, old.freeze_backbone, old.backbone_lr_scale), (None, false, 1.0));
+        assert_eq!(
+            (old.init_from, old.freeze_backbone, old.backbone_lr_scale),
+            (None, false, 1.0)
+        );
         Ok(())
     }
 }

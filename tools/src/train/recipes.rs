@@ -11,18 +11,106 @@ use anyhow::{bail, Context};
 /// LR 0.256 per 256 images, 8 warm-up epochs, cosine, label smoothing 0.1, momentum 0.875;
 /// weight decay 1/32768 for ResNet-50, 1/16384 for the ResNeXts; mixup 0.2 for 250 epochs.
 pub const RECIPES: &[(&str, &str, &[&str])] = &[
-    ("rn50-90e", "ResNet-50 v1.5, 90 epochs", &["--arch", "resnet50", "--epochs", "90", "--weight-decay", "3.0517578125e-05", "--mixup", "0"]),
-    ("rn50-250e", "ResNet-50 v1.5, 250 epochs, mixup 0.2", &["--arch", "resnet50", "--epochs", "250", "--weight-decay", "3.0517578125e-05", "--mixup", "0.2"]),
-    ("rnxt101-90e", "ResNeXt101-32x4d, 90 epochs", &["--arch", "resnext101_32x4d", "--epochs", "90", "--weight-decay", "6.103515625e-05", "--mixup", "0"]),
-    ("rnxt101-250e", "ResNeXt101-32x4d, 250 epochs, mixup 0.2", &["--arch", "resnext101_32x4d", "--epochs", "250", "--weight-decay", "6.103515625e-05", "--mixup", "0.2"]),
-    ("sernxt101-90e", "SE-ResNeXt101-32x4d, 90 epochs", &["--arch", "seresnext101_32x4d", "--epochs", "90", "--weight-decay", "6.103515625e-05", "--mixup", "0"]),
-    ("sernxt101-250e", "SE-ResNeXt101-32x4d, 250 epochs, mixup 0.2", &["--arch", "seresnext101_32x4d", "--epochs", "250", "--weight-decay", "6.103515625e-05", "--mixup", "0.2"]),
+    (
+        "rn50-90e",
+        "ResNet-50 v1.5, 90 epochs",
+        &[
+            "--arch",
+            "resnet50",
+            "--epochs",
+            "90",
+            "--weight-decay",
+            "3.0517578125e-05",
+            "--mixup",
+            "0",
+        ],
+    ),
+    (
+        "rn50-250e",
+        "ResNet-50 v1.5, 250 epochs, mixup 0.2",
+        &[
+            "--arch",
+            "resnet50",
+            "--epochs",
+            "250",
+            "--weight-decay",
+            "3.0517578125e-05",
+            "--mixup",
+            "0.2",
+        ],
+    ),
+    (
+        "rnxt101-90e",
+        "ResNeXt101-32x4d, 90 epochs",
+        &[
+            "--arch",
+            "resnext101_32x4d",
+            "--epochs",
+            "90",
+            "--weight-decay",
+            "6.103515625e-05",
+            "--mixup",
+            "0",
+        ],
+    ),
+    (
+        "rnxt101-250e",
+        "ResNeXt101-32x4d, 250 epochs, mixup 0.2",
+        &[
+            "--arch",
+            "resnext101_32x4d",
+            "--epochs",
+            "250",
+            "--weight-decay",
+            "6.103515625e-05",
+            "--mixup",
+            "0.2",
+        ],
+    ),
+    (
+        "sernxt101-90e",
+        "SE-ResNeXt101-32x4d, 90 epochs",
+        &[
+            "--arch",
+            "seresnext101_32x4d",
+            "--epochs",
+            "90",
+            "--weight-decay",
+            "6.103515625e-05",
+            "--mixup",
+            "0",
+        ],
+    ),
+    (
+        "sernxt101-250e",
+        "SE-ResNeXt101-32x4d, 250 epochs, mixup 0.2",
+        &[
+            "--arch",
+            "seresnext101_32x4d",
+            "--epochs",
+            "250",
+            "--weight-decay",
+            "6.103515625e-05",
+            "--mixup",
+            "0.2",
+        ],
+    ),
 ];
 
 /// Flags every recipe shares.
 const COMMON: &[&str] = &[
-    "--lr", "0.256", "--warmup-epochs", "8", "--lr-schedule", "cosine", "--label-smoothing", "0.1", "--momentum", "0.875",
-    "--zero-init-residual", "true",
+    "--lr",
+    "0.256",
+    "--warmup-epochs",
+    "8",
+    "--lr-schedule",
+    "cosine",
+    "--label-smoothing",
+    "0.1",
+    "--momentum",
+    "0.875",
+    "--zero-init-residual",
+    "true",
 ];
 
 /// The value following `flag` (as `--flag value` or `--flag=value`).
@@ -48,7 +136,11 @@ pub fn expand(args: Vec<OsString>) -> anyhow::Result<Option<Vec<OsString>>> {
     if let Some(name) = value_of(&args, "--recipe") {
         if name == "list" {
             for (name, what, flags) in RECIPES {
-                println!("{name:<16} {what}: {} {}", COMMON.join(" "), flags.join(" "));
+                println!(
+                    "{name:<16} {what}: {} {}",
+                    COMMON.join(" "),
+                    flags.join(" ")
+                );
             }
             return Ok(None);
         }
@@ -74,20 +166,32 @@ pub fn expand(args: Vec<OsString>) -> anyhow::Result<Option<Vec<OsString>>> {
 /// `key = value` lines of a TOML recipe as flags: `epochs = 90` -> `--epochs 90`,
 /// `nesterov = true` -> `--nesterov`, `lr-steps = [30, 60]` -> `--lr-steps 30,60`.
 fn file_flags(path: &Path) -> anyhow::Result<Vec<OsString>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let table: toml::Table = text.parse().with_context(|| format!("{}: not valid TOML", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let table: toml::Table = text
+        .parse()
+        .with_context(|| format!("{}: not valid TOML", path.display()))?;
     let mut flags = Vec::new();
     for (key, value) in table {
         let flag = format!("--{}", key.replace('_', "-"));
-        if matches!(key.as_str(), "recipe" | "recipe-file" | "recipe_file" | "output" | "resume") {
-            bail!("{}: '{key}' cannot be set from a recipe file", path.display());
+        if matches!(
+            key.as_str(),
+            "recipe" | "recipe-file" | "recipe_file" | "output" | "resume"
+        ) {
+            bail!(
+                "{}: '{key}' cannot be set from a recipe file",
+                path.display()
+            );
         }
         let scalar = |v: &toml::Value| -> anyhow::Result<String> {
             Ok(match v {
                 toml::Value::String(s) => s.clone(),
                 toml::Value::Integer(i) => i.to_string(),
                 toml::Value::Float(f) => f.to_string(),
-                other => bail!("{}: '{key}' has an unsupported value {other}", path.display()),
+                other => bail!(
+                    "{}: '{key}' has an unsupported value {other}",
+                    path.display()
+                ),
             })
         };
         match &value {
@@ -113,14 +217,38 @@ mod tests {
 
     #[test]
     fn recipes_go_first_so_the_command_line_wins() -> anyhow::Result<()> {
-        let out = expand(os(&["convnets", "train", "--recipe", "rn50-250e", "--epochs", "3", "-o", "r"]))?.unwrap();
-        let s: Vec<String> = out.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+        let out = expand(os(&[
+            "convnets",
+            "train",
+            "--recipe",
+            "rn50-250e",
+            "--epochs",
+            "3",
+            "-o",
+            "r",
+        ]))?
+        .unwrap();
+        let s: Vec<String> = out
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
         let first = s.iter().position(|a| a == "--epochs").unwrap();
         assert_eq!(s[first + 1], "250");
-        assert_eq!(s.iter().rposition(|a| a == "--epochs").map(|i| &s[i + 1]), Some(&"3".to_string()));
+        assert_eq!(
+            s.iter().rposition(|a| a == "--epochs").map(|i| &s[i + 1]),
+            Some(&"3".to_string())
+        );
         assert!(s.windows(2).any(|w| w == ["--mixup", "0.2"]));
-        assert!(expand(os(&["convnets", "train", "--recipe", "rn51"])).unwrap_err().to_string().contains("rn50-90e"));
-        assert_eq!(expand(os(&["convnets", "pack-imagenet", "--recipe", "x"]))?.unwrap().len(), 4);
+        assert!(expand(os(&["convnets", "train", "--recipe", "rn51"]))
+            .unwrap_err()
+            .to_string()
+            .contains("rn50-90e"));
+        assert_eq!(
+            expand(os(&["convnets", "pack-imagenet", "--recipe", "x"]))?
+                .unwrap()
+                .len(),
+            4
+        );
         Ok(())
     }
 
@@ -129,8 +257,16 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let f = dir.path().join("r.toml");
         std::fs::write(&f, "epochs = 5\nlr_schedule = \"step\"\nlr-steps = [2, 4]\nnesterov = true\namp = false\nmixup = 0.1\n")?;
-        let flags: Vec<String> = file_flags(&f)?.iter().map(|a| a.to_string_lossy().into_owned()).collect();
-        for pair in [["--epochs", "5"], ["--lr-schedule", "step"], ["--lr-steps", "2,4"], ["--mixup", "0.1"]] {
+        let flags: Vec<String> = file_flags(&f)?
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        for pair in [
+            ["--epochs", "5"],
+            ["--lr-schedule", "step"],
+            ["--lr-steps", "2,4"],
+            ["--mixup", "0.1"],
+        ] {
             assert!(flags.windows(2).any(|w| w == pair), "{pair:?} in {flags:?}");
         }
         assert!(flags.contains(&"--nesterov".to_string()) && !flags.contains(&"--amp".to_string()));

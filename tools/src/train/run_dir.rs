@@ -25,7 +25,9 @@ pub struct RunDir {
 
 impl RunDir {
     pub fn new(dir: &Path) -> Self {
-        Self { dir: dir.to_path_buf() }
+        Self {
+            dir: dir.to_path_buf(),
+        }
     }
 
     pub fn dir(&self) -> &Path {
@@ -39,9 +41,13 @@ impl RunDir {
     /// Starts a new run; refuses a folder that already holds one.
     pub fn create(&self, args: &TrainArgs) -> anyhow::Result<()> {
         if self.dir.join(ARGS_NAME).exists() {
-            bail!("{} already holds a run: pass --resume to continue it, or choose another --output", self.dir.display());
+            bail!(
+                "{} already holds a run: pass --resume to continue it, or choose another --output",
+                self.dir.display()
+            );
         }
-        std::fs::create_dir_all(self.checkpoints()).with_context(|| format!("creating {}", self.dir.display()))?;
+        std::fs::create_dir_all(self.checkpoints())
+            .with_context(|| format!("creating {}", self.dir.display()))?;
         let text = serde_json::to_vec_pretty(args)?;
         convnets_formats::atomic::write_atomic(&self.dir.join(ARGS_NAME), &text)?;
         Ok(())
@@ -49,8 +55,10 @@ impl RunDir {
 
     pub fn load_args(&self) -> anyhow::Result<TrainArgs> {
         let path = self.dir.join(ARGS_NAME);
-        let text = std::fs::read(&path).with_context(|| format!("--resume: reading {}", path.display()))?;
-        serde_json::from_slice(&text).with_context(|| format!("{}: not a run description", path.display()))
+        let text = std::fs::read(&path)
+            .with_context(|| format!("--resume: reading {}", path.display()))?;
+        serde_json::from_slice(&text)
+            .with_context(|| format!("{}: not a run description", path.display()))
     }
 
     /// The log, opened for appending; lines past `step` (written after the checkpoint a
@@ -87,12 +95,21 @@ impl RunDir {
     /// The newest complete checkpoint and its state.
     pub fn latest(&self) -> anyhow::Result<Option<(PathBuf, TrainState)>> {
         let mut best: Option<(u64, PathBuf)> = None;
-        let Ok(entries) = std::fs::read_dir(self.checkpoints()) else { return Ok(None) };
+        let Ok(entries) = std::fs::read_dir(self.checkpoints()) else {
+            return Ok(None);
+        };
         for entry in entries {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(step) = name.strip_prefix("step-").and_then(|n| n.parse::<u64>().ok()) else { continue };
-            if entry.path().join(STATE_NAME).is_file() && best.as_ref().is_none_or(|(s, _)| step > *s) {
+            let Some(step) = name
+                .strip_prefix("step-")
+                .and_then(|n| n.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            if entry.path().join(STATE_NAME).is_file()
+                && best.as_ref().is_none_or(|(s, _)| step > *s)
+            {
                 best = Some((step, entry.path()));
             }
         }
@@ -124,12 +141,21 @@ impl RunDir {
         let copy = |named: Vec<(String, Tensor)>| -> anyhow::Result<Vec<(String, Tensor)>> {
             named
                 .into_iter()
-                .map(|(name, t)| Ok((name, t.f_detach()?.f_to_device_(Device::Cpu, t.kind(), true, true)?)))
+                .map(|(name, t)| {
+                    Ok((
+                        name,
+                        t.f_detach()?
+                            .f_to_device_(Device::Cpu, t.kind(), true, true)?,
+                    ))
+                })
                 .collect()
         };
         let mut model = copy(vs.variables().into_iter().collect())?;
         model.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut tensors = vec![(checkpoint::MODEL_NAME, model), (OPTIMIZER_NAME, copy(sgd.momentum_views())?)];
+        let mut tensors = vec![
+            (checkpoint::MODEL_NAME, model),
+            (OPTIMIZER_NAME, copy(sgd.momentum_views())?),
+        ];
         let ema = sgd.ema_views();
         if !ema.is_empty() {
             tensors.push((checkpoint::EMA_NAME, copy(ema)?));
@@ -145,7 +171,10 @@ impl RunDir {
             root: self.checkpoints(),
             name: format!("step-{:08}", state.step),
             tensors,
-            files: vec![(checkpoint::META_NAME, meta), (STATE_NAME, serde_json::to_vec_pretty(state)?)],
+            files: vec![
+                (checkpoint::META_NAME, meta),
+                (STATE_NAME, serde_json::to_vec_pretty(state)?),
+            ],
             is_best,
             keep_last,
             #[cfg(feature = "cuda")]
@@ -184,8 +213,12 @@ impl Snapshot {
         for (file, tensors) in &self.tensors {
             let path = tmp.join(file);
             // channels_last weights are written in the standard (NCHW) order.
-            let tensors = tensors.iter().map(|(n, t)| Ok((n.as_str(), t.f_contiguous()?))).collect::<anyhow::Result<Vec<_>>>()?;
-            Tensor::write_safetensors(&tensors, &path).with_context(|| format!("writing {}", path.display()))?;
+            let tensors = tensors
+                .iter()
+                .map(|(n, t)| Ok((n.as_str(), t.f_contiguous()?)))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            Tensor::write_safetensors(&tensors, &path)
+                .with_context(|| format!("writing {}", path.display()))?;
             sync_file(&path)?;
         }
         for (file, bytes) in &self.files {
@@ -204,7 +237,8 @@ impl Snapshot {
             for entry in std::fs::read_dir(&dir)? {
                 let entry = entry?;
                 let to = best_tmp.join(entry.file_name());
-                std::fs::copy(entry.path(), &to).with_context(|| format!("writing {}", to.display()))?;
+                std::fs::copy(entry.path(), &to)
+                    .with_context(|| format!("writing {}", to.display()))?;
                 sync_file(&to)?;
             }
             replace_dir(&best_tmp, &self.root.join("best"))?;
@@ -228,7 +262,9 @@ impl Snapshot {
 }
 
 fn sync_file(path: &Path) -> anyhow::Result<()> {
-    std::fs::File::open(path).and_then(|f| f.sync_all()).with_context(|| format!("writing {}", path.display()))
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// Writes checkpoints on a thread of its own, one at a time, so an epoch boundary costs
@@ -261,14 +297,23 @@ impl CheckpointWriter {
                 }
             })
             .expect("spawning the checkpoint writer thread");
-        Self { jobs: Some(jobs), results, in_flight: false, thread: Some(thread) }
+        Self {
+            jobs: Some(jobs),
+            results,
+            in_flight: false,
+            thread: Some(thread),
+        }
     }
 
     /// Queues `snapshot` after the write in flight, whose error (if any) it returns.
     pub fn submit(&mut self, snapshot: Snapshot) -> anyhow::Result<()> {
         self.wait()?;
-        let jobs = self.jobs.as_ref().context("the checkpoint writer has stopped")?;
-        jobs.send(snapshot).map_err(|_| anyhow::anyhow!("the checkpoint writer thread has stopped"))?;
+        let jobs = self
+            .jobs
+            .as_ref()
+            .context("the checkpoint writer has stopped")?;
+        jobs.send(snapshot)
+            .map_err(|_| anyhow::anyhow!("the checkpoint writer thread has stopped"))?;
         self.in_flight = true;
         Ok(())
     }
@@ -278,7 +323,10 @@ impl CheckpointWriter {
         if !std::mem::take(&mut self.in_flight) {
             return Ok(None);
         }
-        let written = self.results.recv().map_err(|_| anyhow::anyhow!("the checkpoint writer thread has stopped"))?;
+        let written = self
+            .results
+            .recv()
+            .map_err(|_| anyhow::anyhow!("the checkpoint writer thread has stopped"))?;
         Ok(Some(written.context("writing a checkpoint")?))
     }
 }
@@ -328,7 +376,14 @@ mod tests {
 
     fn model() -> anyhow::Result<(VarStore, Sgd)> {
         let vs = VarStore::new(Device::Cpu);
-        let _ = vs.root().var("w", &[64, 64], nn::Init::Randn { mean: 0.0, stdev: 1.0 });
+        let _ = vs.root().var(
+            "w",
+            &[64, 64],
+            nn::Init::Randn {
+                mean: 0.0,
+                stdev: 1.0,
+            },
+        );
         let _ = vs.root().var("b", &[64], nn::Init::Const(0.5));
         let sgd = Sgd::new(&vs, 0.9, 0.0, false)?;
         Ok((vs, sgd))
@@ -341,7 +396,8 @@ mod tests {
     }
 
     #[test]
-    fn background_writes_leave_the_previous_checkpoint_whole_until_the_rename() -> anyhow::Result<()> {
+    fn background_writes_leave_the_previous_checkpoint_whole_until_the_rename() -> anyhow::Result<()>
+    {
         let tmp = tempfile::tempdir()?;
         let run = RunDir::new(tmp.path());
         std::fs::create_dir_all(run.checkpoints())?;
@@ -361,7 +417,10 @@ mod tests {
         let partial = run.checkpoints().join("step-00000002.tmp");
         std::fs::create_dir_all(&partial)?;
         let bytes = std::fs::read(written.join(checkpoint::MODEL_NAME))?;
-        std::fs::write(partial.join(checkpoint::MODEL_NAME), &bytes[..bytes.len() / 2])?;
+        std::fs::write(
+            partial.join(checkpoint::MODEL_NAME),
+            &bytes[..bytes.len() / 2],
+        )?;
         let (latest, st) = run.latest()?.context("a checkpoint")?;
         assert_eq!((latest.clone(), st.step), (written.clone(), 1));
         assert!(weights_at(&latest)?.equal(&first));
@@ -384,8 +443,9 @@ mod tests {
         assert_eq!(st.step, 4);
         assert!(weights_at(&latest)?.equal(&vs.variables()["w"]));
         // keep_last 2: step 1 is gone, steps 2 and 4 stay; no temporary folder is left.
-        let mut names: Vec<String> =
-            std::fs::read_dir(run.checkpoints())?.map(|e| Ok(e?.file_name().to_string_lossy().into_owned())).collect::<anyhow::Result<_>>()?;
+        let mut names: Vec<String> = std::fs::read_dir(run.checkpoints())?
+            .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+            .collect::<anyhow::Result<_>>()?;
         names.sort();
         assert_eq!(names, ["step-00000002", "step-00000004"]);
         Ok(())

@@ -7,7 +7,10 @@ use serde::{Deserialize, Serialize};
 pub enum ScheduleKind {
     Cosine,
     /// Multiply by `gamma` at each milestone epoch.
-    Step { milestones: Vec<f64>, gamma: f64 },
+    Step {
+        milestones: Vec<f64>,
+        gamma: f64,
+    },
     Linear,
 }
 
@@ -28,7 +31,9 @@ impl LrSchedule {
         let span = (self.epochs - self.warmup_epochs).max(f64::MIN_POSITIVE);
         let done = ((t - self.warmup_epochs) / span).clamp(0.0, 1.0);
         match &self.kind {
-            ScheduleKind::Cosine => 0.5 * (1.0 + (std::f64::consts::PI * done).cos()) * self.base_lr,
+            ScheduleKind::Cosine => {
+                0.5 * (1.0 + (std::f64::consts::PI * done).cos()) * self.base_lr
+            }
             ScheduleKind::Linear => (1.0 - done) * self.base_lr,
             ScheduleKind::Step { milestones, gamma } => {
                 let passed = milestones.iter().filter(|&&m| t >= m).count() as i32;
@@ -48,23 +53,39 @@ mod tests {
 
     #[test]
     fn values_against_hand_computed_ones() {
-        let s = LrSchedule { base_lr: 0.256, warmup_epochs: 2.0, epochs: 10.0, kind: ScheduleKind::Cosine };
+        let s = LrSchedule {
+            base_lr: 0.256,
+            warmup_epochs: 2.0,
+            epochs: 10.0,
+            kind: ScheduleKind::Cosine,
+        };
         close(s.lr(0.0), 0.0);
         close(s.lr(1.0), 0.128);
         close(s.lr(2.0), 0.256);
         close(s.lr(6.0), 0.128); // half way through the cosine
         close(s.lr(10.0), 0.0);
-        close(s.lr(4.0), 0.5 * (1.0 + (std::f64::consts::PI / 4.0).cos()) * 0.256);
+        close(
+            s.lr(4.0),
+            0.5 * (1.0 + (std::f64::consts::PI / 4.0).cos()) * 0.256,
+        );
         let s = LrSchedule {
             base_lr: 0.1,
             warmup_epochs: 0.0,
             epochs: 90.0,
-            kind: ScheduleKind::Step { milestones: vec![30.0, 60.0, 80.0], gamma: 0.1 },
+            kind: ScheduleKind::Step {
+                milestones: vec![30.0, 60.0, 80.0],
+                gamma: 0.1,
+            },
         };
         close(s.lr(29.9), 0.1);
         close(s.lr(30.0), 0.01);
         close(s.lr(85.0), 0.0001);
-        let s = LrSchedule { base_lr: 1.0, warmup_epochs: 0.0, epochs: 4.0, kind: ScheduleKind::Linear };
+        let s = LrSchedule {
+            base_lr: 1.0,
+            warmup_epochs: 0.0,
+            epochs: 4.0,
+            kind: ScheduleKind::Linear,
+        };
         close(s.lr(1.0), 0.75);
     }
 }

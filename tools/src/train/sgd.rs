@@ -69,10 +69,19 @@ fn group_rank(name: &str, t: &Tensor) -> u8 {
 
 impl Sgd {
     /// Takes over the trainable variables of `vs`, which must already be on their device.
-    pub fn new(vs: &VarStore, momentum: f64, weight_decay: f64, nesterov: bool) -> anyhow::Result<Self> {
+    pub fn new(
+        vs: &VarStore,
+        momentum: f64,
+        weight_decay: f64,
+        nesterov: bool,
+    ) -> anyhow::Result<Self> {
         // Trainable variables are exactly those that require grad (BN running statistics
         // and counters do not).
-        let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        let mut vars: Vec<(String, Tensor)> = vs
+            .variables()
+            .into_iter()
+            .filter(|(_, t)| t.requires_grad())
+            .collect();
         vars.sort_by(|a, b| (group_rank(&a.0, &a.1), &a.0).cmp(&(group_rank(&b.0, &b.1), &b.0)));
         let device = vars.first().map_or(Device::Cpu, |(_, t)| t.device());
         // Each parameter starts at a multiple of ALIGN elements; the ranges the update
@@ -89,7 +98,10 @@ impl Sgd {
             starts.push(offset);
             offset += tensor.numel() as i64;
             if name.starts_with(HEAD_PREFIX) {
-                head = Some((head.map_or(starts[starts.len() - 1], |h| h.0), aligned(offset)));
+                head = Some((
+                    head.map_or(starts[starts.len() - 1], |h| h.0),
+                    aligned(offset),
+                ));
             }
         }
         let total = aligned(offset);
@@ -100,13 +112,22 @@ impl Sgd {
         let _guard = tch::no_grad_guard();
         for ((name, mut tensor), offset) in vars.into_iter().zip(starts) {
             if tensor.kind() != Kind::Float || tensor.device() != device {
-                bail!("parameter {name} is {:?} on {:?}; SGD needs fp32 parameters on one device", tensor.kind(), tensor.device());
+                bail!(
+                    "parameter {name} is {:?} on {:?}; SGD needs fp32 parameters on one device",
+                    tensor.kind(),
+                    tensor.device()
+                );
             }
             let numel = tensor.numel() as i64;
             let mut view = flat_params.as_strided(tensor.size(), tensor.stride(), offset);
             view.copy_(&tensor);
             tensor.set_data(&view);
-            params.push(Param { name, tensor, offset, numel });
+            params.push(Param {
+                name,
+                tensor,
+                offset,
+                numel,
+            });
         }
         // No classifier: an empty range at the decay boundary.
         let head = head.unwrap_or((decayed, decayed));
@@ -137,8 +158,12 @@ impl Sgd {
 
     /// Names of the parameters with and without weight decay.
     pub fn groups(&self) -> (Vec<&str>, Vec<&str>) {
-        let (decay, no_decay): (Vec<&Param>, Vec<&Param>) = self.params.iter().partition(|p| p.offset < self.decayed);
-        (decay.iter().map(|p| p.name.as_str()).collect(), no_decay.iter().map(|p| p.name.as_str()).collect())
+        let (decay, no_decay): (Vec<&Param>, Vec<&Param>) =
+            self.params.iter().partition(|p| p.offset < self.decayed);
+        (
+            decay.iter().map(|p| p.name.as_str()).collect(),
+            no_decay.iter().map(|p| p.name.as_str()).collect(),
+        )
     }
 
     fn view(&self, flat: &Tensor, p: &Param) -> Tensor {
@@ -196,7 +221,11 @@ impl Sgd {
         self.attach_grads();
         let _guard = tch::no_grad_guard();
         let total = self.flat_params.numel() as i64;
-        let backbone_lr = if self.backbone_lr_scale != 1.0 { Some(lr.f_mul_scalar(self.backbone_lr_scale)?) } else { None };
+        let backbone_lr = if self.backbone_lr_scale != 1.0 {
+            Some(lr.f_mul_scalar(self.backbone_lr_scale)?)
+        } else {
+            None
+        };
         let (h0, h1) = self.head;
         // (start, end, weight decay, classifier?) in flat order; empty ranges are skipped.
         let ranges = [
@@ -230,11 +259,23 @@ impl Sgd {
                 _ => lr,
             };
             let bufs: Vec<&Tensor> = b.iter().collect();
-            crate::torch_ext::fused_sgd(&[&p], &[&g], &bufs, wd, self.momentum, lr, self.nesterov, Some(found_inf))?;
+            crate::torch_ext::fused_sgd(
+                &[&p],
+                &[&g],
+                &bufs,
+                wd,
+                self.momentum,
+                lr,
+                self.nesterov,
+                Some(found_inf),
+            )?;
         }
         if let Some((decay, ema)) = &mut self.ema {
             // ema = decay * ema + (1 - decay) * params, on taken steps only.
-            let weight = found_inf.f_neg()?.f_add_scalar(1.0)?.f_mul_scalar(1.0 - *decay)?;
+            let weight = found_inf
+                .f_neg()?
+                .f_add_scalar(1.0)?
+                .f_mul_scalar(1.0 - *decay)?;
             let _ = ema.f_lerp_tensor_(&self.flat_params, &weight)?;
         }
         Ok(())
@@ -263,18 +304,32 @@ impl Sgd {
 
     /// The moving average by parameter name, as views of the device buffer.
     pub fn ema_views(&self) -> Vec<(String, Tensor)> {
-        let Some((_, ema)) = &self.ema else { return Vec::new() };
-        self.params.iter().map(|p| (p.name.clone(), self.view(ema, p))).collect()
+        let Some((_, ema)) = &self.ema else {
+            return Vec::new();
+        };
+        self.params
+            .iter()
+            .map(|p| (p.name.clone(), self.view(ema, p)))
+            .collect()
     }
 
     pub fn load_ema_state(&mut self, state: &HashMap<String, Tensor>) -> anyhow::Result<()> {
-        let Some((_, ema)) = &self.ema else { return Ok(()) };
+        let Some((_, ema)) = &self.ema else {
+            return Ok(());
+        };
         let ema = ema.shallow_clone();
         let _guard = tch::no_grad_guard();
         for p in &self.params {
-            let t = state.get(&p.name).with_context(|| format!("no moving average for {}", p.name))?;
+            let t = state
+                .get(&p.name)
+                .with_context(|| format!("no moving average for {}", p.name))?;
             if t.size() != p.tensor.size() {
-                bail!("moving average of {} has shape {:?}, parameter {:?}", p.name, t.size(), p.tensor.size());
+                bail!(
+                    "moving average of {} has shape {:?}, parameter {:?}",
+                    p.name,
+                    t.size(),
+                    p.tensor.size()
+                );
             }
             self.view(&ema, p).copy_(t);
         }
@@ -288,8 +343,13 @@ impl Sgd {
 
     /// Momentum buffers by parameter name, as views of the device buffer.
     pub fn momentum_views(&self) -> Vec<(String, Tensor)> {
-        let Some(b) = &self.momentum_buffer else { return Vec::new() };
-        self.params.iter().map(|p| (p.name.clone(), self.view(b, p))).collect()
+        let Some(b) = &self.momentum_buffer else {
+            return Vec::new();
+        };
+        self.params
+            .iter()
+            .map(|p| (p.name.clone(), self.view(b, p)))
+            .collect()
     }
 
     pub fn load_state(&mut self, state: &HashMap<String, Tensor>) -> anyhow::Result<()> {
@@ -305,13 +365,23 @@ impl Sgd {
         }
         let _guard = tch::no_grad_guard();
         for p in &self.params {
-            let t = state.get(&p.name).with_context(|| format!("no momentum buffer for {}", p.name))?;
+            let t = state
+                .get(&p.name)
+                .with_context(|| format!("no momentum buffer for {}", p.name))?;
             if t.size() != p.tensor.size() {
-                bail!("momentum buffer {} has shape {:?}, parameter {:?}", p.name, t.size(), p.tensor.size());
+                bail!(
+                    "momentum buffer {} has shape {:?}, parameter {:?}",
+                    p.name,
+                    t.size(),
+                    p.tensor.size()
+                );
             }
             self.view(&buffer, p).copy_(t);
         }
-        if let Some(extra) = state.keys().find(|k| !self.params.iter().any(|p| &p.name == *k)) {
+        if let Some(extra) = state
+            .keys()
+            .find(|k| !self.params.iter().any(|p| &p.name == *k))
+        {
             bail!("momentum buffer for unknown parameter {extra}");
         }
         Ok(())
@@ -324,7 +394,10 @@ impl Sgd {
 }
 
 fn to_host(views: Vec<(String, Tensor)>) -> Vec<(String, Tensor)> {
-    views.into_iter().map(|(name, t)| (name, t.to_device(Device::Cpu).contiguous())).collect()
+    views
+        .into_iter()
+        .map(|(name, t)| (name, t.to_device(Device::Cpu).contiguous()))
+        .collect()
 }
 
 #[cfg(test)]
@@ -336,7 +409,11 @@ mod tests {
     fn take_step(sgd: &mut Sgd, lr: f64, grad_scale: f64) -> anyhow::Result<bool> {
         let inf = Tensor::zeros([], (Kind::Float, Device::Cpu));
         let grads = sgd.flat_grads().shallow_clone();
-        crate::torch_ext::non_finite_check_and_unscale(&[&grads], &inf, &Tensor::from(grad_scale as f32))?;
+        crate::torch_ext::non_finite_check_and_unscale(
+            &[&grads],
+            &inf,
+            &Tensor::from(grad_scale as f32),
+        )?;
         sgd.step(&Tensor::from(lr as f32), &inf)?;
         Ok(inf.double_value(&[]) == 0.0)
     }
@@ -348,13 +425,22 @@ mod tests {
         convnets_models::registry::build("resnet18", &vs.root(), 10, &cfg)?;
         let sgd = Sgd::new(&vs, 0.875, 3.0517578125e-05, false)?;
         let (decay, no_decay) = sgd.groups();
-        assert!(decay.iter().all(|n| n.ends_with("weight") && !n.contains("bn") && !n.contains("downsample.1")));
-        assert!(no_decay.contains(&"fc.bias") && no_decay.contains(&"bn1.weight") && no_decay.contains(&"layer1.0.bn2.bias"));
+        assert!(decay
+            .iter()
+            .all(|n| n.ends_with("weight") && !n.contains("bn") && !n.contains("downsample.1")));
+        assert!(
+            no_decay.contains(&"fc.bias")
+                && no_decay.contains(&"bn1.weight")
+                && no_decay.contains(&"layer1.0.bn2.bias")
+        );
         assert!(decay.contains(&"fc.weight") && decay.contains(&"conv1.weight"));
         assert!(!decay.iter().any(|n| n.contains("running")));
         assert_eq!(decay.len() + no_decay.len(), vs.trainable_variables().len());
         assert_eq!(sgd.numel(), 11_181_642, "resnet18 with 10 classes");
-        assert!(sgd.aligned(), "every parameter at a 64-byte boundary despite the 10-element fc.bias");
+        assert!(
+            sgd.aligned(),
+            "every parameter at a 64-byte boundary despite the 10-element fc.bias"
+        );
         Ok(())
     }
 
@@ -377,7 +463,11 @@ mod tests {
             bb = 0.5 * bb + 1.0; // no decay on the 1-D parameter
             bv -= 0.1 * bb;
         }
-        assert!((w.double_value(&[0, 0]) - wv).abs() < 1e-6, "{} vs {wv}", w.double_value(&[0, 0]));
+        assert!(
+            (w.double_value(&[0, 0]) - wv).abs() < 1e-6,
+            "{} vs {wv}",
+            w.double_value(&[0, 0])
+        );
         assert!((b.double_value(&[0]) - bv).abs() < 1e-6);
         Ok(())
     }
@@ -398,10 +488,17 @@ mod tests {
         let mut sgd = Sgd::new(&vs, 0.5, 0.1, false)?;
         sgd.backbone_lr_scale = 0.25;
         let (decay, no_decay) = sgd.groups();
-        assert_eq!((decay, no_decay), (vec!["conv.weight", "fc.weight"], vec!["fc.bias", "bn.bias"]));
+        assert_eq!(
+            (decay, no_decay),
+            (vec!["conv.weight", "fc.weight"], vec!["fc.bias", "bn.bias"])
+        );
         for _ in 0..2 {
             sgd.zero_grad();
-            vars.iter().fold(Tensor::zeros([], (Kind::Float, Device::Cpu)), |acc, v| acc + v.sum(Kind::Float)).backward();
+            vars.iter()
+                .fold(Tensor::zeros([], (Kind::Float, Device::Cpu)), |acc, v| {
+                    acc + v.sum(Kind::Float)
+                })
+                .backward();
             take_step(&mut sgd, 0.1, 1.0)?;
         }
         // Hand-computed: g = 1 (+ 0.1 w when decayed); buf = 0.5 buf + g; w -= lr * buf.
@@ -413,8 +510,16 @@ mod tests {
             }
             w
         };
-        let got: Vec<f64> = vars.iter().map(|v| v.flatten(0, -1).double_value(&[0])).collect();
-        let want = [expect(true, 0.025), expect(false, 0.025), expect(true, 0.1), expect(false, 0.1)];
+        let got: Vec<f64> = vars
+            .iter()
+            .map(|v| v.flatten(0, -1).double_value(&[0]))
+            .collect();
+        let want = [
+            expect(true, 0.025),
+            expect(false, 0.025),
+            expect(true, 0.1),
+            expect(false, 0.1),
+        ];
         for ((name, g), w) in names.iter().zip(&got).zip(want) {
             assert!((g - w).abs() < 1e-6, "{name}: {g} vs {w}");
         }
@@ -437,15 +542,23 @@ mod tests {
         let mut bufs: HashMap<String, Tensor> = HashMap::new();
         for _ in 0..2 {
             sgd.zero_grad();
-            a.forward_t(&x, true).cross_entropy_for_logits(&y).backward();
+            a.forward_t(&x, true)
+                .cross_entropy_for_logits(&y)
+                .backward();
             assert!(take_step(&mut sgd, 0.05, 0.5)?);
 
             for mut t in vs_b.trainable_variables() {
                 t.zero_grad();
             }
-            b.forward_t(&x, true).cross_entropy_for_logits(&y).backward();
+            b.forward_t(&x, true)
+                .cross_entropy_for_logits(&y)
+                .backward();
             let _g = tch::no_grad_guard();
-            for (name, mut p) in vs_b.variables().into_iter().filter(|(_, t)| t.requires_grad()) {
+            for (name, mut p) in vs_b
+                .variables()
+                .into_iter()
+                .filter(|(_, t)| t.requires_grad())
+            {
                 let mut d = p.grad() * 0.5;
                 if p.dim() > 1 {
                     d += &p * 0.01;

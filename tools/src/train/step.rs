@@ -97,9 +97,18 @@ pub struct TrainStep {
 }
 
 impl TrainStep {
-    pub fn new(sgd: Sgd, scaler: &LossScaler, opts: StepOptions, device: Device) -> anyhow::Result<Self> {
+    pub fn new(
+        sgd: Sgd,
+        scaler: &LossScaler,
+        opts: StepOptions,
+        device: Device,
+    ) -> anyhow::Result<Self> {
         let zero = || Tensor::f_zeros([], (Kind::Float, device));
-        let graph = if opts.cuda_graphs && device.is_cuda() && cfg!(feature = "cuda") { Graph::Warming } else { Graph::Off };
+        let graph = if opts.cuda_graphs && device.is_cuda() && cfg!(feature = "cuda") {
+            Graph::Warming
+        } else {
+            Graph::Off
+        };
         Ok(Self {
             scaler: DeviceScaler::new(scaler, device)?,
             lr: zero()?,
@@ -131,11 +140,20 @@ impl TrainStep {
     }
 
     /// Takes one step at learning rate `lr`; returns without waiting for the GPU.
-    pub fn run(&mut self, model: &ResNet, input: StepInput, lr: f64, dist: Option<&Distributed>) -> anyhow::Result<()> {
+    pub fn run(
+        &mut self,
+        model: &ResNet,
+        input: StepInput,
+        lr: f64,
+        dist: Option<&Distributed>,
+    ) -> anyhow::Result<()> {
         let _ = self.lr.f_fill_(lr)?;
         #[cfg(feature = "cuda")]
         if let Graph::Ready(c) = &mut self.graph {
-            if input.mixed_with.is_none() && same_layout(&c.images, input.images) && same_layout(&c.labels, input.labels) {
+            if input.mixed_with.is_none()
+                && same_layout(&c.images, input.images)
+                && same_layout(&c.labels, input.labels)
+            {
                 c.images.f_copy_(input.images)?;
                 c.labels.f_copy_(input.labels)?;
                 c.graph.replay()?;
@@ -163,18 +181,35 @@ impl TrainStep {
     /// capture), then the capture of the step on static copies of this batch's buffers;
     /// later calls replay it. A capture that fails leaves the step eager, with the reason.
     #[cfg(feature = "cuda")]
-    fn warm_up_and_capture(&mut self, model: &ResNet, input: &StepInput, dist: Option<&Distributed>) -> anyhow::Result<()> {
+    fn warm_up_and_capture(
+        &mut self,
+        model: &ResNet,
+        input: &StepInput,
+        dist: Option<&Distributed>,
+    ) -> anyhow::Result<()> {
         use crate::torch_ext::cuda::{CudaGraph, SideStream};
-        let Device::Cuda(index) = self.device else { return self.body(model, input, dist) };
+        let Device::Cuda(index) = self.device else {
+            return self.body(model, input, dist);
+        };
         let side = SideStream::enter(index)?;
         self.body(model, input, dist)?;
         side.exit()?;
         self.eager_steps += 1;
         let images = input.images.f_empty_like()?;
         let labels = input.labels.f_empty_like()?;
-        let static_input = StepInput { images: &images, labels: &labels, mixed_with: None };
+        let static_input = StepInput {
+            images: &images,
+            labels: &labels,
+            mixed_with: None,
+        };
         match CudaGraph::capture(index, || self.body(model, &static_input, dist)) {
-            Ok((graph, ())) => self.graph = Graph::Ready(Captured { graph, images, labels }),
+            Ok((graph, ())) => {
+                self.graph = Graph::Ready(Captured {
+                    graph,
+                    images,
+                    labels,
+                })
+            }
             Err(e) => {
                 self.graph = Graph::Off;
                 self.graph_note = Some(format!("{e:#}"));
@@ -184,18 +219,31 @@ impl TrainStep {
     }
 
     /// The step itself: only device work, no host reads (it is what a graph captures).
-    fn body(&mut self, model: &ResNet, input: &StepInput, dist: Option<&Distributed>) -> anyhow::Result<()> {
+    fn body(
+        &mut self,
+        model: &ResNet,
+        input: &StepInput,
+        dist: Option<&Distributed>,
+    ) -> anyhow::Result<()> {
         self.sgd.zero_grad();
         let smoothing = self.opts.label_smoothing;
         let loss = tch::autocast(self.opts.amp, || -> anyhow::Result<Tensor> {
-            let logits = model.f_forward_t(input.images, self.opts.train_bn)?.f_to_kind(Kind::Float)?;
-            let ce = |y: &Tensor| logits.f_cross_entropy_loss(y, None::<Tensor>, Reduction::Mean, -100, smoothing);
+            let logits = model
+                .f_forward_t(input.images, self.opts.train_bn)?
+                .f_to_kind(Kind::Float)?;
+            let ce = |y: &Tensor| {
+                logits.f_cross_entropy_loss(y, None::<Tensor>, Reduction::Mean, -100, smoothing)
+            };
             Ok(match input.mixed_with {
-                Some((lambda, other)) => ce(input.labels)?.f_mul_scalar(lambda)?.f_add(&ce(other)?.f_mul_scalar(1.0 - lambda)?)?,
+                Some((lambda, other)) => ce(input.labels)?
+                    .f_mul_scalar(lambda)?
+                    .f_add(&ce(other)?.f_mul_scalar(1.0 - lambda)?)?,
                 None => ce(input.labels)?,
             })
         })?;
-        loss.f_mul(self.scaler.scale())?.f_backward().context("backward pass")?;
+        loss.f_mul(self.scaler.scale())?
+            .f_backward()
+            .context("backward pass")?;
         let grads = self.sgd.flat_grads().shallow_clone();
         if let Some(d) = dist {
             // The mean gradient over the ranks; every rank then takes the same step (and
@@ -210,7 +258,9 @@ impl TrainStep {
         let _ = self.loss_sum.f_add_(&loss)?;
         let nonfinite = loss.f_isfinite()?.f_logical_not()?;
         let _ = self.streak.f_add_scalar_(1.0)?.f_mul_(&nonfinite)?;
-        let _ = self.max_streak.f_maximum_out(&self.max_streak, &self.streak)?;
+        let _ = self
+            .max_streak
+            .f_maximum_out(&self.max_streak, &self.streak)?;
         Ok(())
     }
 
@@ -223,7 +273,11 @@ impl TrainStep {
         let steps = std::mem::take(&mut self.pending);
         Ok(Readout {
             steps,
-            loss: if steps > 0 { loss_sum / steps as f64 } else { f64::NAN },
+            loss: if steps > 0 {
+                loss_sum / steps as f64
+            } else {
+                f64::NAN
+            },
             nonfinite_streak: streak,
             skipped_steps: host.skipped_steps,
             loss_scale: host.scale,
@@ -239,7 +293,10 @@ impl TrainStep {
 /// Same shape, strides and dtype: the batch can be copied into the captured buffer.
 #[cfg(feature = "cuda")]
 fn same_layout(captured: &Tensor, t: &Tensor) -> bool {
-    captured.size() == t.size() && captured.stride() == t.stride() && captured.kind() == t.kind() && captured.device() == t.device()
+    captured.size() == t.size()
+        && captured.stride() == t.stride()
+        && captured.kind() == t.kind()
+        && captured.device() == t.device()
 }
 
 /// Keeps a host batch alive until the GPU has copied it: the copy is asynchronous (from
@@ -255,7 +312,9 @@ pub struct HostBatchRelease<T> {
 
 impl<T> Default for HostBatchRelease<T> {
     fn default() -> Self {
-        Self { held: Default::default() }
+        Self {
+            held: Default::default(),
+        }
     }
 }
 
@@ -280,11 +339,24 @@ impl<T> HostBatchRelease<T> {
 
 /// Random images (normal, NCHW or channels_last on CUDA) and labels on `device`: the
 /// input of compute-only runs.
-pub fn synthetic_batch(batch: i64, size: i64, classes: i64, device: Device, amp: bool) -> anyhow::Result<(Tensor, Tensor)> {
+pub fn synthetic_batch(
+    batch: i64,
+    size: i64,
+    classes: i64,
+    device: Device,
+    amp: bool,
+) -> anyhow::Result<(Tensor, Tensor)> {
     let kind = if amp { Kind::Half } else { Kind::Float };
     let images = Tensor::f_randn([batch, 3, size, size], (kind, device))?;
-    let images = if device.is_cuda() { convnets_models::layout::to_channels_last(&images)? } else { images };
-    Ok((images, Tensor::f_randint(classes, [batch], (Kind::Int64, device))?))
+    let images = if device.is_cuda() {
+        convnets_models::layout::to_channels_last(&images)?
+    } else {
+        images
+    };
+    Ok((
+        images,
+        Tensor::f_randint(classes, [batch], (Kind::Int64, device))?,
+    ))
 }
 
 #[cfg(test)]
@@ -295,9 +367,20 @@ mod tests {
     fn setup(lr_scale_steps: bool) -> anyhow::Result<(VarStore, ResNet, TrainStep)> {
         tch::manual_seed(3);
         let vs = VarStore::new(Device::Cpu);
-        let model = convnets_models::registry::build("resnet18", &vs.root(), 4, &convnets_models::ModelConfig::default())?;
+        let model = convnets_models::registry::build(
+            "resnet18",
+            &vs.root(),
+            4,
+            &convnets_models::ModelConfig::default(),
+        )?;
         let sgd = Sgd::new(&vs, 0.875, 3.0517578125e-05, lr_scale_steps)?;
-        let opts = StepOptions { amp: false, label_smoothing: 0.1, train_bn: true, cuda_graphs: true, allreduce_kind: Kind::Float };
+        let opts = StepOptions {
+            amp: false,
+            label_smoothing: 0.1,
+            train_bn: true,
+            cuda_graphs: true,
+            allreduce_kind: Kind::Float,
+        };
         let step = TrainStep::new(sgd, &LossScaler::new(false), opts, Device::Cpu)?;
         Ok((vs, model, step))
     }
@@ -307,10 +390,17 @@ mod tests {
         let (_vs, model, mut step) = setup(false)?;
         let images = Tensor::randn([4, 3, 32, 32], (Kind::Float, Device::Cpu));
         let labels = Tensor::from_slice(&[0i64, 1, 2, 3]);
-        let input = || StepInput { images: &images, labels: &labels, mixed_with: None };
+        let input = || StepInput {
+            images: &images,
+            labels: &labels,
+            mixed_with: None,
+        };
         step.run(&model, input(), 0.05, None)?;
         let first = step.readout()?;
-        assert_eq!((first.steps, first.skipped_steps, first.nonfinite_streak), (1, 0, 0));
+        assert_eq!(
+            (first.steps, first.skipped_steps, first.nonfinite_streak),
+            (1, 0, 0)
+        );
         for _ in 0..8 {
             step.run(&model, input(), 0.05, None)?;
         }
@@ -326,11 +416,33 @@ mod tests {
         let (vs, model, mut step) = setup(true)?;
         let labels = Tensor::from_slice(&[0i64, 1]);
         let good = Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu));
-        step.run(&model, StepInput { images: &good, labels: &labels, mixed_with: None }, 0.05, None)?;
-        let before: Vec<(String, Tensor)> = vs.variables().into_iter().map(|(k, v)| (k, v.copy())).collect();
+        step.run(
+            &model,
+            StepInput {
+                images: &good,
+                labels: &labels,
+                mixed_with: None,
+            },
+            0.05,
+            None,
+        )?;
+        let before: Vec<(String, Tensor)> = vs
+            .variables()
+            .into_iter()
+            .map(|(k, v)| (k, v.copy()))
+            .collect();
         let bad = good.full_like(f64::NAN);
         for _ in 0..3 {
-            step.run(&model, StepInput { images: &bad, labels: &labels, mixed_with: None }, 0.05, None)?;
+            step.run(
+                &model,
+                StepInput {
+                    images: &bad,
+                    labels: &labels,
+                    mixed_with: None,
+                },
+                0.05,
+                None,
+            )?;
         }
         let r = step.readout()?;
         assert_eq!((r.skipped_steps, r.nonfinite_streak), (3, 3));
@@ -339,7 +451,10 @@ mod tests {
             if name.contains("running") || name.contains("num_batches") {
                 continue; // BN statistics see the batch in the forward pass
             }
-            assert!(vs.variables()[&name].equal(&v), "{name} changed on a skipped step");
+            assert!(
+                vs.variables()[&name].equal(&v),
+                "{name} changed on a skipped step"
+            );
         }
         Ok(())
     }
