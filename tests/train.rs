@@ -371,3 +371,63 @@ fn zero_init_residual_is_a_flag() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn skipped_records_are_counted_and_listed() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let data = tmp.path().join("data");
+    let records: Vec<_> = (0..6u32)
+        .map(|i| match i {
+            2 => (b"\xFF\xD8 not a jpeg at all".to_vec(), 0, 64, 48),
+            _ => (baseline_jpeg(64, 48, u64::from(i)), i % 2, 64, 48),
+        })
+        .collect();
+    one_shard_split(&data, &records, 2)?;
+    let (d, run) = (data.to_str().unwrap(), tmp.path().join("run"));
+    let base = [
+        "train",
+        "--data",
+        d,
+        "--arch",
+        "resnet18",
+        "--device",
+        "cpu",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "3",
+        "--threads",
+        "2",
+        "--epochs",
+        "1",
+        "--eval-every",
+        "0",
+        "--log-every",
+        "1",
+    ];
+    // By default the bad record stops the run, named.
+    let mut strict = base.to_vec();
+    strict.extend(["-o", run.to_str().unwrap()]);
+    expect_err(convnets(&strict), &["s-0.cnr", "record 2"])?;
+    // With skip: the run goes on, and says how many it left out, and which.
+    let run = tmp.path().join("run-skip");
+    let mut lenient = base.to_vec();
+    lenient.extend(["--on-bad-record", "skip", "-o", run.to_str().unwrap()]);
+    convnets(&lenient)?;
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("summary.json"))?)?;
+    assert_eq!(summary["skipped_records"], 1);
+    assert_eq!(summary["skipped"][0]["record"], 2);
+    assert!(summary["skipped"][0]["shard"]
+        .as_str()
+        .is_some_and(|s| s.ends_with("s-0.cnr")));
+    let log = std::fs::read_to_string(run.join("log.jsonl"))?;
+    let last: serde_json::Value = serde_json::from_str(
+        log.lines()
+            .filter(|l| l.contains("\"type\":\"train\""))
+            .last()
+            .context("a train line")?,
+    )?;
+    assert_eq!(last["skipped_records"], 1);
+    Ok(())
+}

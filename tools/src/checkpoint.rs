@@ -89,6 +89,41 @@ impl CheckpointMeta {
         Ok(meta)
     }
 
+    /// The model's outputs must mean `dataset`'s labels: the same classes in the same order,
+    /// or, for weights that carry no class names, at least as many outputs as classes.
+    /// `what` names the dataset in the error.
+    pub fn check_classes(&self, dataset: &[ClassInfo], what: &str) -> anyhow::Result<()> {
+        let (mine, theirs) = (self.classes.len(), dataset.len());
+        if theirs == 0 {
+            return Ok(());
+        }
+        if mine == 0 {
+            if theirs as i64 > self.num_classes {
+                bail!(
+                    "the checkpoint's model has {} outputs but {what} has {theirs} classes",
+                    self.num_classes
+                );
+            }
+            return Ok(());
+        }
+        if mine != theirs {
+            bail!(
+                "the checkpoint was trained on {mine} classes ({}, ...) but {what} has {theirs} ({}, ...): \
+                 its labels would not mean the model's classes",
+                self.classes[0].wnid,
+                dataset[0].wnid
+            );
+        }
+        if let Some(i) = (0..mine).find(|&i| self.classes[i].wnid != dataset[i].wnid) {
+            bail!(
+                "class {i} is {} in the checkpoint but {} in {what}: the same {mine} classes are needed in the same order",
+                self.classes[i].wnid,
+                dataset[i].wnid
+            );
+        }
+        Ok(())
+    }
+
     pub fn arch(&self) -> anyhow::Result<Arch> {
         Ok(self.arch.parse()?)
     }

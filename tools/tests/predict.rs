@@ -599,3 +599,82 @@ fn fine_tuning_loads_the_backbone_and_a_new_classifier() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn eval_refuses_a_dataset_whose_classes_are_not_the_checkpoints() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let (images, packed) = dataset(&tmp.path().join("four"), 4, 4, 1)?;
+    let run_dir = tmp.path().join("run");
+    train(
+        &packed,
+        &run_dir,
+        &["--max-steps", "0", "--eval-every", "0", "--batch-size", "4"],
+    )?;
+    let eval = |data: &Path| {
+        run(&[
+            "eval",
+            "--data",
+            s(data),
+            "--checkpoint",
+            s(&run_dir),
+            "--device",
+            "cpu",
+            "--threads",
+            "2",
+        ])
+    };
+
+    // One class more: an error naming both counts, not a panic on label 4.
+    let (_, five) = dataset(&tmp.path().join("five"), 5, 4, 1)?;
+    let out = eval(&five)?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("trained on 4 classes") && err.contains("has 5"),
+        "{err}"
+    );
+
+    // As many classes, another one among them: the labels would mean other classes.
+    let renamed = tmp.path().join("renamed");
+    std::fs::create_dir_all(&renamed)?;
+    for split in ["train", "val"] {
+        std::fs::create_dir_all(renamed.join(split))?;
+        for c in 0..4 {
+            let name = if c == 2 {
+                format!("{}a", wnid(2))
+            } else {
+                wnid(c)
+            };
+            std::fs::rename(
+                images.join(split).join(wnid(c)),
+                renamed.join(split).join(name),
+            )?;
+        }
+    }
+    let other = tmp.path().join("other-packed");
+    ok(&["pack-imagenet", "-i", s(&renamed), "-o", s(&other), "-q"])?;
+    let out = eval(&other)?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "class 2 is {0} in the checkpoint but {0}a",
+            wnid(2)
+        )),
+        "{err}"
+    );
+
+    // The dataset it was trained on is fine.
+    ok(&[
+        "eval",
+        "--data",
+        s(&packed),
+        "--checkpoint",
+        s(&run_dir),
+        "--device",
+        "cpu",
+        "--threads",
+        "2",
+    ])?;
+    Ok(())
+}

@@ -902,6 +902,8 @@ impl Trainer {
         let mut window = (Instant::now(), 0u64);
         let mut last_eval = None;
         let mut held = HostBatchRelease::default();
+        // Records that failed to decode under --on-bad-record skip (replaced in their batch).
+        let mut skipped_records = 0u64;
         'epochs: while self.state.epoch < self.args.epochs {
             let epoch = self.state.epoch;
             let mut step_in_epoch = self.state.loader.batch as u64;
@@ -940,6 +942,9 @@ impl Trainer {
                 if loader.is_some() && batch.is_none() {
                     break;
                 }
+                if let Some(b) = &batch {
+                    skipped_records += b.skipped.iter().filter(|s| **s).count() as u64;
+                }
                 let t = epoch as f64 + step_in_epoch as f64 / steps_per_epoch as f64;
                 let lr = self.schedule.lr(t);
                 let n = self.train_step(batch, lr, &mut held)?;
@@ -965,7 +970,8 @@ impl Trainer {
                         "epoch {epoch} loss {loss:.4} lr {lr:.4} {img_s:.0} img/s"
                     ));
                     self.log(json!({"type": "train", "epoch": epoch, "step": self.state.step, "loss": loss,
-                        "lr": lr, "img_s": img_s, "loss_scale": r.loss_scale, "skipped_steps": r.skipped_steps}))?;
+                        "lr": lr, "img_s": img_s, "loss_scale": r.loss_scale, "skipped_steps": r.skipped_steps,
+                        "skipped_records": skipped_records}))?;
                     // Divergence guard: a few non-finite losses in a row (skipped steps) end the run.
                     if diverged {
                         self.checkpoints.wait()?;
@@ -1043,8 +1049,28 @@ impl Trainer {
             }
             None => None,
         };
+        // Every rank's skipped records (each read its own share of the data).
+        let skipped_total = match &self.dist {
+            Some(d) => d.sum_values(&[skipped_records as f64])?[0] as u64,
+            None => skipped_records,
+        };
         if !self.main() {
             return Ok(());
+        }
+        // The first thousand, so a badly damaged dataset does not make a huge summary.
+        let skipped_list: Vec<_> = loader
+            .as_mut()
+            .map(|l| l.take_skipped())
+            .unwrap_or_default()
+            .into_iter()
+            .take(1000)
+            .collect();
+        if skipped_total > 0 {
+            eprintln!(
+                "{skipped_total} record(s) could not be decoded and were replaced by another image of their batch \
+                 (--on-bad-record skip); summary.json lists {}",
+                if self.dist.is_some() { "rank 0's" } else { "them" }
+            );
         }
         // Every rank trained on as many images as this one.
         let world = self.dist.as_ref().map_or(1, |d| d.world_size);
@@ -1057,6 +1083,8 @@ impl Trainer {
             "epoch_img_s": epoch_rates,
             "final_eval": last_eval, "best_top1": self.state.best_top1,
             "skipped_steps": self.state.scaler.skipped_steps,
+            "skipped_records": skipped_total,
+            "skipped": skipped_list,
             "cuda_graphs": self.step.graphed(),
             "cuda_graphs_off_because": self.step.graph_note(),
             "data_wait_fraction": data_wait,
@@ -1321,6 +1349,12 @@ pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
             _ => Backend::Cpu,
         },
     };
+    if let Ok(dataset) = convnets_formats::Dataset::open(&a.data) {
+        loaded.meta.check_classes(
+            &dataset.manifest().classes,
+            &format!("{}", a.data.display()),
+        )?;
+    }
     let image_size = loaded.meta.eval_image_size(a.image_size);
     if image_size == 0 || a.batch_size == 0 {
         bail!("--image-size and --batch-size must be at least 1");
