@@ -424,8 +424,7 @@ fn skipped_records_are_counted_and_listed() -> Result<()> {
     let log = std::fs::read_to_string(run.join("log.jsonl"))?;
     let last: serde_json::Value = serde_json::from_str(
         log.lines()
-            .filter(|l| l.contains("\"type\":\"train\""))
-            .last()
+            .rfind(|l| l.contains("\"type\":\"train\""))
             .context("a train line")?,
     )?;
     assert_eq!(last["skipped_records"], 1);
