@@ -953,8 +953,11 @@ impl Trainer {
                 images_done += n;
                 window.1 += n;
                 bar.inc(1);
-                if self.dist.is_none() {
-                    self.stop = interrupted();
+                match &self.dist {
+                    None => self.stop = interrupted(),
+                    // Queuing a step counts as progress: when a collective hangs, the GPU's
+                    // queue fills, launches block, and the stall watch sees no more of it.
+                    Some(d) => d.progress(),
                 }
                 // The GPU is waited for here only: the loss and the scaler are read back
                 // at logging points (and the ranks agree there on stopping).
