@@ -430,3 +430,52 @@ fn skipped_records_are_counted_and_listed() -> Result<()> {
     assert_eq!(last["skipped_records"], 1);
     Ok(())
 }
+
+#[test]
+fn a_run_folder_in_use_is_refused_and_one_without_checkpoints_restarts() -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let tmp = tempfile::tempdir()?;
+    let packed = dataset(tmp.path(), 2, 8, 2)?;
+    let run = tmp.path().join("run");
+    let (p, r) = (packed.to_str().unwrap(), run.to_str().unwrap());
+    convnets(&train_args(
+        p,
+        r,
+        &["--epochs", "2", "--eval-every", "0", "--log-every", "1"],
+    ))?;
+    let steps = |run: &Path| -> Result<u64> {
+        let summary: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(run.join("summary.json"))?)?;
+        summary["steps"].as_u64().context("steps")
+    };
+    let full = steps(&run)?;
+
+    // Another process holds the folder: --resume (or a second run) is refused, naming it.
+    let lock = std::fs::File::open(run.join(".lock"))?;
+    // SAFETY: flock on a descriptor this test owns.
+    assert_eq!(
+        unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) },
+        0
+    );
+    let pid = std::fs::read_to_string(run.join(".lock"))?;
+    expect_err(
+        convnets(&["train", "--resume", "-o", r]),
+        &["in use by another convnets train", &format!("PID {pid}")],
+    )?;
+    drop(lock);
+
+    // A run killed before its first checkpoint: --resume starts it over, from a clean log.
+    std::fs::remove_dir_all(run.join("checkpoints"))?;
+    std::fs::create_dir_all(run.join("checkpoints/step-00000003.tmp"))?;
+    std::fs::remove_file(run.join("summary.json"))?;
+    convnets(&["train", "--resume", "-o", r])?;
+    assert_eq!(steps(&run)?, full);
+    let logged: Vec<u64> = train_losses(&run)?.into_iter().map(|(s, _)| s).collect();
+    assert_eq!(
+        logged,
+        (1..=full).collect::<Vec<_>>(),
+        "one log line per step, none left from the first attempt"
+    );
+    assert!(!run.join("checkpoints/step-00000003.tmp").exists());
+    Ok(())
+}

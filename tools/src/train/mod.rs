@@ -370,17 +370,27 @@ fn train_rank(
 ) -> anyhow::Result<()> {
     let main = dist.as_ref().is_none_or(|d| d.is_main());
     let run = RunDir::new(&cmd.args.output);
+    // Rank 0 holds the run folder until the run ends; a second `train` on it is refused.
+    let _lock = if main { Some(run.lock()?) } else { None };
     let (args, resume) = if cmd.resume {
         let mut args = run.load_args()?;
         // A resumed run keeps its recipe; only the stopping point is taken from this call.
         args.max_steps = cmd.args.max_steps;
-        let (dir, state) = run.latest()?.with_context(|| {
-            format!(
-                "--resume: {} holds no finished checkpoint",
-                cmd.args.output.display()
-            )
-        })?;
-        (args, Some((dir, state)))
+        match run.latest()? {
+            Some((dir, state)) => (args, Some((dir, state))),
+            None => {
+                eprintln!(
+                    "--resume: {} holds no finished checkpoint (the run stopped before its first): \
+                     starting it from the beginning with its saved arguments",
+                    cmd.args.output.display()
+                );
+                check_args(&args)?;
+                if main {
+                    run.restart()?;
+                }
+                (args, None)
+            }
+        }
     } else {
         check_args(&cmd.args)?;
         if let Some(source) = &cmd.args.init_from {

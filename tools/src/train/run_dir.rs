@@ -18,6 +18,12 @@ const STATE_NAME: &str = "state.json";
 const ARGS_NAME: &str = "args.json";
 const LOG_NAME: &str = "log.jsonl";
 const SUMMARY_NAME: &str = "summary.json";
+const LOCK_NAME: &str = ".lock";
+
+/// The run folder's lock, held while alive.
+pub struct RunLock {
+    _file: std::fs::File,
+}
 
 pub struct RunDir {
     dir: PathBuf,
@@ -38,11 +44,65 @@ impl RunDir {
         self.dir.join("checkpoints")
     }
 
+    /// Takes the run folder for this process (created if missing): a second `train` on the
+    /// same folder is refused while this one lives. The lock is the kernel's (`flock`) on
+    /// `.lock`, so it goes with the process however it ends; the file holds the PID.
+    pub fn lock(&self) -> anyhow::Result<RunLock> {
+        use std::io::{Read, Seek, Write};
+        use std::os::fd::AsRawFd;
+        std::fs::create_dir_all(&self.dir)
+            .with_context(|| format!("creating {}", self.dir.display()))?;
+        let path = self.dir.join(LOCK_NAME);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        // SAFETY: flock on a file descriptor this function owns.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            bail!(
+                "{} is in use by another convnets train (PID {}); wait for it to end or stop it first",
+                self.dir.display(),
+                pid.trim()
+            );
+        }
+        file.set_len(0)?;
+        file.rewind()?;
+        write!(file, "{}", std::process::id())
+            .with_context(|| format!("writing {}", path.display()))?;
+        Ok(RunLock { _file: file })
+    }
+
+    /// Clears what an attempt that never finished a checkpoint left (log, summary,
+    /// temporary checkpoint folders), so the run starts over from a clean folder.
+    pub fn restart(&self) -> anyhow::Result<()> {
+        for name in [LOG_NAME, SUMMARY_NAME] {
+            let path = self.dir.join(name);
+            if path.exists() {
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("removing {}", path.display()))?;
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir(self.checkpoints()) {
+            for entry in entries.flatten() {
+                if entry.file_name().to_string_lossy().ends_with(".tmp") {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Starts a new run; refuses a folder that already holds one.
     pub fn create(&self, args: &TrainArgs) -> anyhow::Result<()> {
         if self.dir.join(ARGS_NAME).exists() {
             bail!(
-                "{} already holds a run: pass --resume to continue it, or choose another --output",
+                "{} already holds a run: pass --resume to continue it (from its last checkpoint, or from the \
+                 start when it has none), or choose another --output",
                 self.dir.display()
             );
         }
