@@ -11,24 +11,9 @@
 #include <optional>
 #include <string>
 
-namespace {
-thread_local std::string last_error;
+#include "guarded.h"
 
-template <class F>
-int guarded(F f) {
-  try {
-    f();
-    return 0;
-  } catch (const c10::Error& e) {
-    last_error = e.what_without_backtrace();
-  } catch (const std::exception& e) {
-    last_error = e.what();
-  } catch (...) {
-    last_error = "unknown C++ exception";
-  }
-  return 1;
-}
-}  // namespace
+using cx::guarded;
 
 // Makes a pool stream of `device` current (and `device` the current device) until
 // destroyed. Done by hand rather than with c10's CUDAStreamGuard, whose inline code would
@@ -66,8 +51,6 @@ struct cx_fence {
 };
 
 extern "C" {
-
-const char* cx_cuda_last_error() { return last_error.c_str(); }
 
 cx_graph* cx_graph_new() {
   cx_graph* g = nullptr;

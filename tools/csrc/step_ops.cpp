@@ -2,30 +2,18 @@
 // functions over tensor lists that work in place): the fused SGD update and the
 // all-gradients finite check with unscaling, both with device-side LR and found-inf, so a
 // step needs no host synchronisation. Plain C ABI; errors are returned as 1 with the
-// message kept for `cx_last_error` (one per thread).
+// message kept for `cx_last_error` (guarded.h).
 #include <ATen/ATen.h>
+
+#include "guarded.h"
 
 #include <optional>
 #include <string>
 #include <vector>
 
-namespace {
-thread_local std::string last_error;
+using cx::guarded;
 
-template <class F>
-int guarded(F f) {
-  try {
-    f();
-    return 0;
-  } catch (const c10::Error& e) {
-    last_error = e.what_without_backtrace();
-  } catch (const std::exception& e) {
-    last_error = e.what();
-  } catch (...) {
-    last_error = "unknown C++ exception";
-  }
-  return 1;
-}
+namespace {
 
 std::vector<at::Tensor> to_list(at::Tensor* const* ts, size_t n) {
   std::vector<at::Tensor> v;
@@ -37,7 +25,7 @@ std::vector<at::Tensor> to_list(at::Tensor* const* ts, size_t n) {
 
 extern "C" {
 
-const char* cx_last_error() { return last_error.c_str(); }
+const char* cx_last_error() { return cx::last_error().c_str(); }
 
 // grads *= inv_scale; found_inf = 1 if any element of any gradient is inf or NaN.
 int cx_non_finite_check_and_unscale(at::Tensor* const* grads, size_t n, at::Tensor* found_inf,

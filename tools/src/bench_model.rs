@@ -106,16 +106,8 @@ impl Trainee {
     }
 
     fn step(&mut self, images: &Tensor, labels: &Tensor) -> anyhow::Result<()> {
-        self.step.run(
-            &self.model,
-            StepInput {
-                images,
-                labels,
-                mixed_with: None,
-            },
-            0.01,
-            None,
-        )
+        self.step
+            .run(&self.model, StepInput::new(images, labels), 0.01, None)
     }
 
     /// Waits for the queued steps; the mean loss since the last call.

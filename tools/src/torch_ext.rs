@@ -120,7 +120,7 @@ pub fn fused_sgd(
 pub mod cuda {
     //! CUDA graphs and streams through libtorch (`tools/csrc/cuda_graph.cpp`).
 
-    use std::ffi::{c_char, c_int, c_void};
+    use std::ffi::{c_int, c_void};
 
     use anyhow::bail;
 
@@ -138,7 +138,6 @@ pub mod cuda {
     }
 
     extern "C" {
-        fn cx_cuda_last_error() -> *const c_char;
         fn cx_graph_new() -> *mut RawGraph;
         fn cx_graph_free(g: *mut RawGraph);
         fn cx_graph_capture_begin(g: *mut RawGraph, device: c_int) -> c_int;
@@ -153,7 +152,7 @@ pub mod cuda {
     }
 
     fn error(what: &str) -> anyhow::Error {
-        anyhow::anyhow!("{what}: {}", super::last_error(cx_cuda_last_error))
+        anyhow::anyhow!("{what}: {}", super::last_error(super::cx_last_error))
     }
 
     fn check(status: c_int, what: &str) -> anyhow::Result<()> {

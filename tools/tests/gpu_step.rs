@@ -61,16 +61,7 @@ fn losses(cuda_graphs: bool, data: &[(Tensor, Tensor)]) -> anyhow::Result<(Vec<f
     let (_vs, model, mut step) = trainee(cuda_graphs)?;
     let mut out = Vec::new();
     for (x, y) in data.iter().cycle().take(STEPS) {
-        step.run(
-            &model,
-            StepInput {
-                images: x,
-                labels: y,
-                mixed_with: None,
-            },
-            0.02,
-            None,
-        )?;
+        step.run(&model, StepInput::new(x, y), 0.02, None)?;
         out.push(step.readout()?.loss);
     }
     Ok((out, step.graphed()))
@@ -116,16 +107,7 @@ fn an_injected_inf_skips_that_step_and_halves_the_scale_in_a_graph() -> anyhow::
     let data = batches();
     let (vs, model, mut step) = trainee(true)?;
     for (x, y) in data.iter().cycle().take(5) {
-        step.run(
-            &model,
-            StepInput {
-                images: x,
-                labels: y,
-                mixed_with: None,
-            },
-            0.02,
-            None,
-        )?;
+        step.run(&model, StepInput::new(x, y), 0.02, None)?;
     }
     let before = step.readout()?;
     assert!(step.graphed());
@@ -137,32 +119,14 @@ fn an_injected_inf_skips_that_step_and_halves_the_scale_in_a_graph() -> anyhow::
         .collect();
     let bad = data[1].0.copy();
     let _ = bad.narrow(0, 0, 1).fill_(f64::INFINITY);
-    step.run(
-        &model,
-        StepInput {
-            images: &bad,
-            labels: &data[1].1,
-            mixed_with: None,
-        },
-        0.02,
-        None,
-    )?;
+    step.run(&model, StepInput::new(&bad, &data[1].1), 0.02, None)?;
     let after = step.readout()?;
     assert_eq!(after.skipped_steps, before.skipped_steps + 1);
     assert_eq!(after.loss_scale, before.loss_scale / 2.0);
     for ((_, w), now) in weights.iter().zip(vs.trainable_variables()) {
         assert!(w.equal(&now), "a skipped step changed a weight");
     }
-    step.run(
-        &model,
-        StepInput {
-            images: &data[2].0,
-            labels: &data[2].1,
-            mixed_with: None,
-        },
-        0.02,
-        None,
-    )?;
+    step.run(&model, StepInput::new(&data[2].0, &data[2].1), 0.02, None)?;
     let next = step.readout()?;
     assert_eq!(
         next.skipped_steps, after.skipped_steps,

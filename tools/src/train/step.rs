@@ -47,6 +47,17 @@ pub struct StepInput<'a> {
     pub mixed_with: Option<(f64, &'a Tensor)>,
 }
 
+impl<'a> StepInput<'a> {
+    /// A plain batch (no mixup).
+    pub fn new(images: &'a Tensor, labels: &'a Tensor) -> Self {
+        Self {
+            images,
+            labels,
+            mixed_with: None,
+        }
+    }
+}
+
 /// What the steps since the last readout did (one host synchronisation).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Readout {
@@ -197,11 +208,7 @@ impl TrainStep {
         self.eager_steps += 1;
         let images = input.images.f_empty_like()?;
         let labels = input.labels.f_empty_like()?;
-        let static_input = StepInput {
-            images: &images,
-            labels: &labels,
-            mixed_with: None,
-        };
+        let static_input = StepInput::new(&images, &labels);
         match CudaGraph::capture(index, || self.body(model, &static_input, dist)) {
             Ok((graph, ())) => {
                 self.graph = Graph::Ready(Captured {
@@ -390,11 +397,7 @@ mod tests {
         let (_vs, model, mut step) = setup(false)?;
         let images = Tensor::randn([4, 3, 32, 32], (Kind::Float, Device::Cpu));
         let labels = Tensor::from_slice(&[0i64, 1, 2, 3]);
-        let input = || StepInput {
-            images: &images,
-            labels: &labels,
-            mixed_with: None,
-        };
+        let input = || StepInput::new(&images, &labels);
         step.run(&model, input(), 0.05, None)?;
         let first = step.readout()?;
         assert_eq!(
@@ -416,16 +419,7 @@ mod tests {
         let (vs, model, mut step) = setup(true)?;
         let labels = Tensor::from_slice(&[0i64, 1]);
         let good = Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu));
-        step.run(
-            &model,
-            StepInput {
-                images: &good,
-                labels: &labels,
-                mixed_with: None,
-            },
-            0.05,
-            None,
-        )?;
+        step.run(&model, StepInput::new(&good, &labels), 0.05, None)?;
         let before: Vec<(String, Tensor)> = vs
             .variables()
             .into_iter()
@@ -433,16 +427,7 @@ mod tests {
             .collect();
         let bad = good.full_like(f64::NAN);
         for _ in 0..3 {
-            step.run(
-                &model,
-                StepInput {
-                    images: &bad,
-                    labels: &labels,
-                    mixed_with: None,
-                },
-                0.05,
-                None,
-            )?;
+            step.run(&model, StepInput::new(&bad, &labels), 0.05, None)?;
         }
         let r = step.readout()?;
         assert_eq!((r.skipped_steps, r.nonfinite_streak), (3, 3));
