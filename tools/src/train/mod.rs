@@ -370,14 +370,16 @@ fn train_rank(
 ) -> anyhow::Result<()> {
     let main = dist.as_ref().is_none_or(|d| d.is_main());
     let run = RunDir::new(&cmd.args.output);
-    // Rank 0 holds the run folder until the run ends; a second `train` on it is refused.
-    let _lock = if main { Some(run.lock()?) } else { None };
-    let (args, resume) = if cmd.resume {
+    // Rank 0 holds the run folder until the run ends (a second `train` on it is refused),
+    // taken once the request is known to be sound, so a refused one writes nothing.
+    let lock = || if main { run.lock().map(Some) } else { Ok(None) };
+    let (args, resume, _lock) = if cmd.resume {
         let mut args = run.load_args()?;
+        let held = lock()?;
         // A resumed run keeps its recipe; only the stopping point is taken from this call.
         args.max_steps = cmd.args.max_steps;
         match run.latest()? {
-            Some((dir, state)) => (args, Some((dir, state))),
+            Some((dir, state)) => (args, Some((dir, state)), held),
             None => {
                 eprintln!(
                     "--resume: {} holds no finished checkpoint (the run stopped before its first): \
@@ -388,7 +390,7 @@ fn train_rank(
                 if main {
                     run.restart()?;
                 }
-                (args, None)
+                (args, None, held)
             }
         }
     } else {
@@ -396,11 +398,12 @@ fn train_rank(
         if let Some(source) = &cmd.args.init_from {
             finetune::weights_file(source, cmd.args.arch)?;
         }
+        let held = lock()?;
         // Rank 0 writes the run folder; the others only read it when resuming.
         if main {
             run.create(&cmd.args)?;
         }
-        (cmd.args, None)
+        (cmd.args, None, held)
     };
     Trainer::new(args, run, resume, dist)?.run()
 }
