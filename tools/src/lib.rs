@@ -123,6 +123,10 @@ where
 {
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<train::Interrupted>().is_some() => {
+            say(&format!("{e}"));
+            ExitCode::from(130)
+        }
         Err(e) => match e.downcast_ref::<clap::Error>() {
             Some(clap_err) => {
                 let _ = clap_err.print();

@@ -278,6 +278,30 @@ pub struct TrainState {
     pub world_size: usize,
 }
 
+/// A one-process run stopped by Ctrl-C, its checkpoint saved: the process exits with 130,
+/// the shell's code for SIGINT (`main_with`).
+#[derive(Debug)]
+pub struct Interrupted {
+    pub step: u64,
+    pub checkpoint: Option<PathBuf>,
+}
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "interrupted at step {}", self.step)?;
+        match &self.checkpoint {
+            Some(dir) => write!(
+                f,
+                "; checkpoint {} saved, continue with --resume",
+                dir.display()
+            ),
+            None => write!(f, "; no checkpoint saved"),
+        }
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
 /// Set by Ctrl-C: the loop saves a checkpoint at the next step and stops.
 static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -917,6 +941,7 @@ impl Trainer {
         let mut held = HostBatchRelease::default();
         // Records that failed to decode under --on-bad-record skip (replaced in their batch).
         let mut skipped_records = 0u64;
+        let mut interrupted_at = None;
         'epochs: while self.state.epoch < self.args.epochs {
             let epoch = self.state.epoch;
             let mut step_in_epoch = self.state.loader.batch as u64;
@@ -934,14 +959,23 @@ impl Trainer {
                         |l| l.state(),
                     );
                     self.state.scaler = self.step.scaler_state()?;
-                    if self.main() {
+                    let saved = if self.main() {
                         self.save_checkpoint(false)?;
-                        self.checkpoints.wait()?;
+                        self.checkpoints.wait()?
+                    } else {
+                        None
+                    };
+                    if self.dist.is_none() && interrupted() {
+                        interrupted_at = Some(Interrupted {
+                            step: self.state.step,
+                            checkpoint: saved,
+                        });
+                    } else {
+                        bar.println(format!(
+                            "stopped at step {}; checkpoint saved, continue with --resume",
+                            self.state.step
+                        ));
                     }
-                    bar.println(format!(
-                        "stopped at step {}; checkpoint saved, continue with --resume",
-                        self.state.step
-                    ));
                     break 'epochs;
                 }
                 let batch = match &mut loader {
@@ -1115,7 +1149,10 @@ impl Trainer {
         });
         self.run.write_summary(&summary)?;
         println!("{}", serde_json::to_string_pretty(&summary)?);
-        Ok(())
+        match interrupted_at {
+            Some(i) => Err(i.into()),
+            None => Ok(()),
+        }
     }
 
     /// One optimisation step (queued on the device, not waited for); returns the images.
