@@ -17,12 +17,12 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use crate::bench::{machine, LoaderKind};
+use crate::device_arg::{device_of, DeviceArg};
 use crate::gpu_loader_args::GpuLoaderArgs;
 use crate::source::open_split;
 use crate::train::scaler::LossScaler;
 use crate::train::sgd::Sgd;
 use crate::train::step::{synthetic_batch, HostBatchRelease, StepInput, StepOptions, TrainStep};
-use crate::train::{device_of, DeviceArg};
 
 fn print(doc: &serde_json::Value, json_out: bool, table: impl FnOnce()) -> anyhow::Result<()> {
     if json_out {

@@ -155,8 +155,24 @@ pub fn resolve(path: &Path) -> anyhow::Result<PathBuf> {
     if root.join("best").join(META_NAME).is_file() {
         return Ok(root.join("best"));
     }
-    let entries =
-        std::fs::read_dir(&root).with_context(|| format!("reading {}", root.display()))?;
+    match latest_step(&root)? {
+        Some(dir) => Ok(dir),
+        None => bail!(
+            "{}: the run holds no finished checkpoint yet",
+            path.display()
+        ),
+    }
+}
+
+/// The newest finished `step-N` folder under a run's `checkpoints/` (the one place that
+/// knows how they are named): a `step-N.tmp` being written, or a folder without
+/// `checkpoint.json`, is not one. `None` when there is none (or no such folder).
+pub fn latest_step(root: &Path) -> anyhow::Result<Option<PathBuf>> {
+    let entries = match std::fs::read_dir(root) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", root.display())),
+    };
     let latest = entries
         .filter_map(|e| e.ok())
         .filter_map(|e| {
@@ -169,13 +185,7 @@ pub fn resolve(path: &Path) -> anyhow::Result<PathBuf> {
             e.path().join(META_NAME).is_file().then(|| (step, e.path()))
         })
         .max_by_key(|(step, _)| *step);
-    match latest {
-        Some((_, dir)) => Ok(dir),
-        None => bail!(
-            "{}: the run holds no finished checkpoint yet",
-            path.display()
-        ),
-    }
+    Ok(latest.map(|(_, dir)| dir))
 }
 
 /// The class count of a ResNet-family state_dict: the rows of `fc.weight`.

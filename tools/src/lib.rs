@@ -10,6 +10,7 @@ mod bench;
 pub mod bench_model;
 pub mod checkpoint;
 mod dataset_cmds;
+pub mod device_arg;
 mod devices;
 pub mod dist;
 pub mod gpu_loader_args;

@@ -21,7 +21,7 @@ use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::{self, LoadedModel};
-use crate::train::{device_of, DeviceArg};
+use crate::device_arg::{device_of, DeviceArg};
 
 #[derive(Debug, Args)]
 pub struct PredictArgs {

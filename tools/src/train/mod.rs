@@ -35,6 +35,7 @@ use tch::nn::{ModuleT, VarStore};
 use tch::{Device, Kind, Reduction, Tensor};
 
 use crate::checkpoint::{self, CheckpointMeta};
+use crate::device_arg::{device_of, DeviceArg};
 use crate::gpu_loader_args::GpuLoaderArgs;
 use crate::source::open_split;
 use run_dir::RunDir;
@@ -52,14 +53,6 @@ pub enum LoaderKind {
     Gpu,
     /// Random tensors already on the device: compute-only runs.
     Synthetic,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
-pub enum DeviceArg {
-    /// The first GPU when there is one, else the CPU.
-    Auto,
-    Cpu,
-    Cuda,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
@@ -573,23 +566,6 @@ fn training_hardware_share(cpu_threads: usize, arch: Arch) -> f64 {
     };
     let cpu = 0.8 * CPU_THREAD_DECODES_PER_S * cpu_threads as f64;
     (1.0 - cpu / demand).clamp(0.0, 1.0)
-}
-
-/// The device a `--device` flag names, refusing `cuda` when libtorch sees no GPU.
-pub(crate) fn device_of(arg: DeviceArg) -> anyhow::Result<Device> {
-    Ok(match arg {
-        DeviceArg::Cpu => Device::Cpu,
-        DeviceArg::Auto => Device::cuda_if_available(),
-        DeviceArg::Cuda if tch::Cuda::is_available() => Device::Cuda(0),
-        DeviceArg::Cuda => bail!(
-            "--device cuda: libtorch sees no GPU{}",
-            if cfg!(feature = "cuda") {
-                ""
-            } else {
-                " (built without CUDA)"
-            }
-        ),
-    })
 }
 
 static INIT_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());

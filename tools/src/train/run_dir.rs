@@ -154,34 +154,15 @@ impl RunDir {
 
     /// The newest complete checkpoint and its state.
     pub fn latest(&self) -> anyhow::Result<Option<(PathBuf, TrainState)>> {
-        let mut best: Option<(u64, PathBuf)> = None;
-        let Ok(entries) = std::fs::read_dir(self.checkpoints()) else {
+        let Some(dir) = checkpoint::latest_step(&self.checkpoints())? else {
             return Ok(None);
         };
-        for entry in entries {
-            let entry = entry?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(step) = name
-                .strip_prefix("step-")
-                .and_then(|n| n.parse::<u64>().ok())
-            else {
-                continue;
-            };
-            if entry.path().join(STATE_NAME).is_file()
-                && best.as_ref().is_none_or(|(s, _)| step > *s)
-            {
-                best = Some((step, entry.path()));
-            }
-        }
-        match best {
-            None => Ok(None),
-            Some((_, dir)) => {
-                let path = dir.join(STATE_NAME);
-                let state = serde_json::from_slice(&std::fs::read(&path)?)
-                    .with_context(|| format!("{}: unreadable training state", path.display()))?;
-                Ok(Some((dir, state)))
-            }
-        }
+        let path = dir.join(STATE_NAME);
+        let state = serde_json::from_slice(
+            &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+        )
+        .with_context(|| format!("{}: unreadable training state", path.display()))?;
+        Ok(Some((dir, state)))
     }
 
     /// Everything checkpoint `step-N` of `state` holds, copied to host memory: on a GPU
