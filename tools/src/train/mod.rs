@@ -568,7 +568,9 @@ fn training_hardware_share(cpu_threads: usize, arch: Arch) -> f64 {
     (1.0 - cpu / demand).clamp(0.0, 1.0)
 }
 
-static INIT_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+/// Held while seeding libtorch's global generator and drawing from it (model init, test
+/// data), so that runs and tests on other threads of the process do not interleave draws.
+pub(crate) static INIT_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Non-finite losses in a row after which a run counts as diverged.
 const NAN_STEPS_TO_STOP: u64 = 5;
