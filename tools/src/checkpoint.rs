@@ -164,16 +164,16 @@ pub fn resolve(path: &Path) -> anyhow::Result<PathBuf> {
     }
 }
 
-/// The newest finished `step-N` folder under a run's `checkpoints/` (the one place that
-/// knows how they are named): a `step-N.tmp` being written, or a folder without
-/// `checkpoint.json`, is not one. `None` when there is none (or no such folder).
-pub fn latest_step(root: &Path) -> anyhow::Result<Option<PathBuf>> {
+/// The `step-N` folders under a run's `checkpoints/` (the one place that knows how they are
+/// named), oldest first; a `step-N.tmp` being written is not one. Empty when there is no
+/// such folder.
+pub fn step_dirs(root: &Path) -> anyhow::Result<Vec<(u64, PathBuf)>> {
     let entries = match std::fs::read_dir(root) {
         Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e).with_context(|| format!("reading {}", root.display())),
     };
-    let latest = entries
+    let mut steps: Vec<(u64, PathBuf)> = entries
         .filter_map(|e| e.ok())
         .filter_map(|e| {
             let step = e
@@ -182,10 +182,20 @@ pub fn latest_step(root: &Path) -> anyhow::Result<Option<PathBuf>> {
                 .strip_prefix("step-")?
                 .parse::<u64>()
                 .ok()?;
-            e.path().join(META_NAME).is_file().then(|| (step, e.path()))
+            Some((step, e.path()))
         })
-        .max_by_key(|(step, _)| *step);
-    Ok(latest.map(|(_, dir)| dir))
+        .collect();
+    steps.sort();
+    Ok(steps)
+}
+
+/// The newest finished `step-N` folder (one holding `checkpoint.json`), if any.
+pub fn latest_step(root: &Path) -> anyhow::Result<Option<PathBuf>> {
+    Ok(step_dirs(root)?
+        .into_iter()
+        .rev()
+        .map(|(_, dir)| dir)
+        .find(|dir| dir.join(META_NAME).is_file()))
 }
 
 /// The class count of a ResNet-family state_dict: the rows of `fc.weight`.

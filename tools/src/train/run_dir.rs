@@ -285,17 +285,9 @@ impl Snapshot {
             replace_dir(&best_tmp, &self.root.join("best"))?;
         }
         // Keep the newest `keep_last` checkpoints (at least the one just written).
-        let mut steps: Vec<PathBuf> = std::fs::read_dir(&self.root)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("step-") && !n.ends_with(".tmp"))
-            })
-            .collect();
-        steps.sort();
+        let steps = checkpoint::step_dirs(&self.root)?;
         let keep = self.keep_last.max(1);
-        for old in steps.iter().take(steps.len().saturating_sub(keep)) {
+        for (_, old) in steps.iter().take(steps.len().saturating_sub(keep)) {
             std::fs::remove_dir_all(old).with_context(|| format!("removing {}", old.display()))?;
         }
         Ok(dir)
