@@ -165,7 +165,8 @@ impl CpuDecoder {
                 "DecodeLimits::max_pixels must be positive".into(),
             ));
         }
-        let handle = Handle::open(limits).map_err(|e| Error::Config(format!("TurboJPEG: {e}")))?;
+        let handle =
+            Handle::open(limits).map_err(|e| Error::DecoderStart(format!("TurboJPEG: {e}")))?;
         Ok(Self { handle, limits })
     }
 

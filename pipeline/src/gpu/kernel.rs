@@ -6,7 +6,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 
-use crate::cpu::augment::{OutputDtype, OutputSpec, Span};
+use crate::output::{Layout, OutputDtype, OutputSpec, Span};
 use crate::{Error, Result};
 
 const SOURCE: &str = include_str!("augment.cu");
@@ -125,8 +125,8 @@ impl AugmentKernel {
             OutputDtype::F32 => 2,
         };
         let layout: i32 = match spec.layout {
-            crate::cpu::augment::Layout::Nchw => 0,
-            crate::cpu::augment::Layout::Nhwc => 1,
+            Layout::Nchw => 0,
+            Layout::Nhwc => 1,
         };
         let (w, h) = (spec.width as i32, spec.height as i32);
         let cfg = LaunchConfig {
@@ -162,8 +162,9 @@ mod tests {
     //! The kernel against the CPU augmenter on the same pixels and crop windows.
 
     use super::*;
-    use crate::cpu::augment::{Augmenter, Layout, Normalize, WindowEdges};
+    use crate::cpu::augment::Augmenter;
     use crate::gpu::memory::DeviceBuffer;
+    use crate::output::{Normalize, WindowEdges};
     use crate::plan::{CenterCrop, CropWindow};
     use cudarc::driver::result as cu;
 

@@ -1,10 +1,8 @@
-//! The GPU path (feature `cuda`): nvJPEG batched decoding on the GPU's JPEG engines and
-//! one fused augment kernel per batch, behind the same [`Loader`](crate::loader::Loader)
-//! API as the CPU path (`Backend::Gpu`).
+//! The GPU stage's parts (feature `cuda`): nvJPEG batched decoding on the GPU's JPEG
+//! engines, the fused augment kernel, and the lanes' device and page-locked buffers. The
+//! GPU backend of [`Loader`](crate::loader::Loader) (`loader/gpu.rs`, `Backend::Gpu`)
+//! drives them, as the CPU backend drives [`cpu`](crate::cpu).
 
-mod kernel;
-mod loader;
-mod memory;
-mod nvjpeg;
-
-pub(crate) use loader::GpuLoader;
+pub(crate) mod kernel;
+pub(crate) mod memory;
+pub(crate) mod nvjpeg;

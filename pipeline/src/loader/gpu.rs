@@ -1,5 +1,6 @@
-//! The GPU loader: the same sampler, plans and iterator as the CPU path, with decoding on
-//! the GPU's JPEG engines and one fused augment kernel per batch.
+//! The GPU backend (feature `cuda`): the same sampler, plans and delivery as the CPU path,
+//! with decoding on the GPU's JPEG engines and one fused augment kernel per batch. The GPU
+//! parts it drives (nvJPEG handles, the kernel, device and pinned buffers) are in `gpu/`.
 //!
 //! ```text
 //! planner thread   walks the sampler's batches, epoch after epoch, and hands whole
@@ -31,15 +32,15 @@ use crossbeam::channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender}
 use cudarc::driver::{result as cu, CudaContext, CudaEvent, CudaStream};
 use tch::{Device, Kind, Tensor};
 
-use super::kernel::{AugmentKernel, SampleParams, SourceLayout};
-use super::memory::{DeviceBuffer, PinnedBuffer};
-use super::nvjpeg::{BatchDecoder, Library, Target};
-use crate::cpu::augment::{Layout, OutputDtype, OutputSpec, Span};
-use crate::cpu::decode::{CpuDecoder, DecodeLimits, RgbImage};
-use crate::loader::{
+use super::shared::{
     record_error, sampler_for, BadRecordPolicy, Batch, Counters, GpuOptions, InOrder, LoaderConfig,
     LoaderState, LoaderStats, Position, Sequenced, SkippedRecord, Transform,
 };
+use crate::cpu::decode::{CpuDecoder, DecodeLimits, RgbImage};
+use crate::gpu::kernel::{AugmentKernel, SampleParams, SourceLayout};
+use crate::gpu::memory::{DeviceBuffer, PinnedBuffer};
+use crate::gpu::nvjpeg::{BatchDecoder, Library, Target};
+use crate::output::{Layout, OutputDtype, OutputSpec, Span};
 use crate::plan::CropWindow;
 use crate::sampler::{sample_seed, PlannedBatch, Sample, Sampler};
 use crate::{Error, Result};
@@ -249,7 +250,7 @@ impl GpuLoader {
             batches: InOrder::new(
                 ready_rx,
                 Position::new(state, batches_per_epoch),
-                "GPU loader threads stopped",
+                "GPU loader threads",
             ),
             stop: Some(stop_tx),
             threads,
