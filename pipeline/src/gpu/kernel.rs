@@ -214,6 +214,8 @@ mod tests {
 
     fn upload(g: &Gpu, bytes: &[u8]) -> DeviceBuffer {
         let buf = DeviceBuffer::new(&g.ctx, bytes.len()).unwrap();
+        // SAFETY: the buffer holds `bytes.len()` bytes; callers synchronise the stream
+        // before `bytes` goes away.
         unsafe { cu::memcpy_htod_async(buf.ptr(), bytes, g.stream.cu_stream()).unwrap() };
         buf
     }
@@ -231,6 +233,7 @@ mod tests {
         let x = Span::new(crop.x, crop.width, w, edges).unwrap();
         let y = Span::new(crop.y, crop.height, h, edges).unwrap();
         let p = SampleParams::new(src, x, y, spec, crop.flip);
+        // SAFETY: the bytes of a `repr(C)` plain-data struct, borrowed while `p` lives.
         let params = upload(g, unsafe {
             std::slice::from_raw_parts(
                 (&p as *const SampleParams).cast::<u8>(),
@@ -239,6 +242,8 @@ mod tests {
         });
         let out = DeviceBuffer::new(&g.ctx, spec.sample_bytes()).unwrap();
         let mut host = vec![0u8; spec.sample_bytes()];
+        // SAFETY: parameters and source are on the device, queued on this stream; `out` and
+        // `host` hold one sample; the stream is synchronised before `host` is read.
         unsafe {
             g.kernel
                 .launch(&g.stream, params.ptr(), 1, out.ptr(), spec)

@@ -27,6 +27,7 @@ pub(crate) struct Library {
 
 // SAFETY: nvJPEG library handles may be used from several threads at once.
 unsafe impl Send for Library {}
+// SAFETY: as above: calls taking only the library handle are thread-safe.
 unsafe impl Sync for Library {}
 
 impl Library {
@@ -172,6 +173,7 @@ impl BatchDecoder {
         }
         if self.initialized != targets.len() {
             self.initialized = 0;
+            // SAFETY: the handle and state are ours and live while `self` does; plain values.
             check(
                 "nvjpegDecodeBatchedInitialize",
                 nvjpegDecodeBatchedInitialize(
@@ -188,6 +190,7 @@ impl BatchDecoder {
         self.lengths.clear();
         self.images.clear();
         for (t, &p) in targets.iter().zip(&self.params) {
+            // SAFETY: `p` was created in `new` and is only used by this decoder.
             set_roi(p, t.roi)?;
             self.data.push(t.data);
             self.lengths.push(t.len);
@@ -198,6 +201,11 @@ impl BatchDecoder {
             }
             self.images.push(img);
         }
+        // SAFETY: `data`, `lengths`, `images` and `params` hold one entry per target and
+        // outlive the call; the caller guarantees (see `# Safety`) that each target's bytes
+        // are readable until this returns and its planes are device memory large enough for
+        // the (region of the) image and unused by others until `stream` passes this point.
+        // The call only queues the engines' writes on `stream`.
         let status = nvjpegDecodeBatchedEx(
             self.lib.handle,
             self.state,
@@ -215,9 +223,13 @@ impl BatchDecoder {
 }
 
 /// Sets (or clears, with the whole image) the region of interest.
+///
+/// # Safety
+/// `p` must be a live decode-parameters handle not in use by another thread.
 unsafe fn set_roi(p: nvjpegDecodeParams_t, roi: Option<(i32, i32, i32, i32)>) -> Result<()> {
     // nvJPEG's "whole image" is (0, 0, -1, -1).
     let (x, y, w, h) = roi.unwrap_or((0, 0, -1, -1));
+    // SAFETY: `p` is live and ours (the caller's contract); plain values.
     check(
         "nvjpegDecodeParamsSetROI",
         nvjpegDecodeParamsSetROI(p, x, y, w, h),
@@ -292,6 +304,7 @@ mod tests {
     /// Decodes `jpegs` in one hardware batch and returns interleaved RGB per image.
     fn hardware_decode(jpegs: &[Case]) -> Vec<Vec<u8>> {
         let ctx = CudaContext::new(0).expect("a CUDA device");
+        // SAFETY: no slices exist yet; this test orders its buffers by synchronising.
         unsafe { ctx.disable_event_tracking() };
         ctx.bind_to_thread().unwrap();
         let stream = ctx.new_stream().unwrap();
@@ -316,8 +329,12 @@ mod tests {
             });
             offset += 3 * *size as u64;
         }
+        // SAFETY: `jpegs` outlives the call; the planes lie within `arena` (sized for every
+        // image's three planes), which nothing else uses.
         unsafe { dec.decode(&targets, stream.cu_stream().cast()).unwrap() };
         let mut host = vec![0u8; offset as usize];
+        // SAFETY: `host` and the arena both hold `offset` bytes; the stream is synchronised
+        // before `host` is read.
         unsafe { cu::memcpy_dtoh_async(&mut host[..], arena.ptr(), stream.cu_stream()).unwrap() };
         stream.synchronize().unwrap();
         let mut out = Vec::new();

@@ -33,14 +33,14 @@ use cudarc::driver::{result as cu, CudaContext, CudaEvent, CudaStream};
 use tch::{Device, Kind, Tensor};
 
 use super::shared::{
-    record_error, sampler_for, BadRecordPolicy, Batch, Counters, GpuOptions, InOrder, LoaderConfig,
-    LoaderState, LoaderStats, Position, Sequenced, SkippedRecord, Transform,
+    lock, record_error, sampler_for, BadRecordPolicy, Batch, Counters, GpuOptions, InOrder,
+    LoaderConfig, LoaderState, LoaderStats, Position, Sequenced, SkippedRecord, Transform,
 };
 use crate::cpu::decode::{CpuDecoder, DecodeLimits, RgbImage};
 use crate::gpu::kernel::{AugmentKernel, SampleParams, SourceLayout};
 use crate::gpu::memory::{DeviceBuffer, PinnedBuffer};
 use crate::gpu::nvjpeg::{BatchDecoder, Library, Target};
-use crate::output::{Layout, OutputDtype, OutputSpec, Span};
+use crate::output::{OutputDtype, OutputSpec, Span};
 use crate::plan::CropWindow;
 use crate::sampler::{sample_seed, PlannedBatch, Sample, Sampler};
 use crate::{Error, Result};
@@ -93,6 +93,24 @@ impl Sequenced for Finished {
 }
 
 impl Finished {
+    /// `job` with what became of it.
+    fn new(
+        job: PlannedBatch,
+        skipped: Vec<bool>,
+        skipped_records: Vec<SkippedRecord>,
+        result: Result<(Tensor, Tensor, CudaEvent)>,
+    ) -> Self {
+        Self {
+            seq: job.seq,
+            epoch: job.epoch,
+            index: job.index,
+            samples: job.samples,
+            skipped,
+            skipped_records,
+            result,
+        }
+    }
+
     /// Waits for the lane's work on the tensors before they go back to libtorch's
     /// allocator unused (loader shutdown, error batches).
     fn discard(self) {
@@ -116,58 +134,16 @@ pub(crate) struct GpuLoader {
     output_bytes: u64,
 }
 
-impl GpuLoader {
-    pub fn new(
-        source: Arc<dyn RecordSource>,
-        cfg: LoaderConfig,
-        opts: GpuOptions,
-        state: LoaderState,
-    ) -> Result<Self> {
-        let sampler = sampler_for(source.as_ref(), &cfg, state)?;
-        let batches_per_epoch = sampler.batches_per_epoch();
-        if let Some(share) = opts.hardware_share {
-            if !(0.0..=1.0).contains(&share) {
-                return Err(Error::Config(format!(
-                    "hardware share {share} is not between 0 and 1"
-                )));
-            }
-        }
-        if let Some(n) = &cfg.output.normalize {
-            if !(n.mean.iter().all(|m| m.is_finite()) && n.std.iter().all(|s| s.is_normal())) {
-                return Err(Error::Config(format!("bad normalisation {n:?}")));
-            }
-        }
-        if cfg.output.dtype == OutputDtype::U8 && cfg.output.normalize.is_some() {
-            return Err(Error::Config("u8 output cannot be normalised".into()));
-        }
-        if !tch::Cuda::is_available() {
-            return Err(Error::Cuda(
-                "libtorch sees no CUDA device (no GPU, no driver, or libtorch_cuda not linked)"
-                    .into(),
-            ));
-        }
-        let devices = tch::Cuda::device_count() as usize;
-        if opts.device >= devices {
-            return Err(Error::Config(format!(
-                "GPU {} requested, {devices} visible",
-                opts.device
-            )));
-        }
-        let ctx = CudaContext::new(opts.device).map_err(|e| cuda("opening the GPU", e))?;
-        // Every buffer here is used on one stream, ordered by hand; cudarc's per-slice
-        // event tracking would only add synchronisation.
-        // SAFETY: no slices exist yet; ordering is handled as the module docs say.
-        unsafe { ctx.disable_event_tracking() };
-        ctx.bind_to_thread()
-            .map_err(|e| cuda("binding the context", e))?;
-        let kernel = Arc::new(AugmentKernel::compile(&ctx)?);
-        // The hardware decoder is optional: without JPEG engines everything goes to the
-        // CPU threads (and the stats say so).
-        let library = if opts.hardware_share != Some(0.0) {
-            Library::hardware().ok()
-        } else {
-            None
-        };
+/// What the GPU loader's set-up decides once: how many lanes and CPU threads, and the
+/// hardware decoder's share.
+struct Sizing {
+    lanes: usize,
+    cpu_threads: usize,
+    hardware_share: f64,
+}
+
+impl Sizing {
+    fn new(cfg: &LoaderConfig, opts: &GpuOptions) -> Self {
         let lanes = if opts.lanes == 0 {
             DEFAULT_LANES
         } else {
@@ -182,7 +158,34 @@ impl GpuLoader {
         let hardware_share = opts
             .hardware_share
             .unwrap_or_else(|| auto_hardware_share(cpu_threads));
-        let batch = cfg.sampler.batch_size;
+        Self {
+            lanes,
+            cpu_threads,
+            hardware_share,
+        }
+    }
+}
+
+impl GpuLoader {
+    pub fn new(
+        source: Arc<dyn RecordSource>,
+        cfg: LoaderConfig,
+        opts: GpuOptions,
+        state: LoaderState,
+    ) -> Result<Self> {
+        let sampler = sampler_for(source.as_ref(), &cfg, state)?;
+        let batches_per_epoch = sampler.batches_per_epoch();
+        check_config(&cfg, &opts)?;
+        let ctx = open_device(opts.device)?;
+        let kernel = Arc::new(AugmentKernel::compile(&ctx)?);
+        // The hardware decoder is optional: without JPEG engines everything goes to the
+        // CPU threads (and the stats say so).
+        let library = if opts.hardware_share != Some(0.0) {
+            Library::hardware().ok()
+        } else {
+            None
+        };
+        let sizing = Sizing::new(&cfg, &opts);
         let counters = Arc::new(Counters::default());
         let null_stream = ctx.default_stream();
 
@@ -190,61 +193,49 @@ impl GpuLoader {
         let (ready_tx, ready_rx) = bounded::<Finished>(cfg.prefetch.max(1));
         let (cpu_tx, cpu_rx) = unbounded::<CpuJob>();
         let (stop_tx, stop_rx) = bounded::<()>(0);
-        let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
-            std::thread::Builder::new()
-                .name(name)
-                .spawn(f)
-                .map_err(|e| Error::Config(format!("cannot start loader thread: {e}")))
-        };
 
         // Lanes are built here so that set-up errors reach the caller.
-        let mut lane_list = Vec::with_capacity(lanes);
-        let mut lane_bytes = Vec::with_capacity(lanes);
-        for _ in 0..lanes {
-            let lane = Lane::new(
+        let mut lanes = Vec::with_capacity(sizing.lanes);
+        for _ in 0..sizing.lanes {
+            lanes.push(Lane::new(
                 &ctx,
                 &source,
                 &cfg,
-                hardware_share,
+                sizing.hardware_share,
                 opts,
                 library.clone(),
                 kernel.clone(),
                 cpu_tx.clone(),
                 counters.clone(),
-            )?;
-            lane_bytes.push(lane.bytes.clone());
-            lane_list.push(lane);
+            )?);
         }
         drop(cpu_tx);
+        let lane_bytes = lanes.iter().map(|lane| lane.bytes.clone()).collect();
 
-        let mut threads = Vec::with_capacity(1 + lanes + cpu_threads);
-        threads.push(spawn(
-            "gpu-loader-planner".into(),
-            Box::new(move || plan_batches(sampler, state, job_tx, stop_rx)),
-        )?);
-        for (i, lane) in lane_list.into_iter().enumerate() {
+        let mut threads = Vec::with_capacity(1 + sizing.lanes + sizing.cpu_threads);
+        threads.push(spawn("gpu-loader-planner".into(), move || {
+            plan_batches(sampler, state, job_tx, stop_rx)
+        })?);
+        for (i, lane) in lanes.into_iter().enumerate() {
             let (jobs, ready) = (job_rx.clone(), ready_tx.clone());
-            threads.push(spawn(
-                format!("gpu-loader-lane-{i}"),
-                Box::new(move || lane.run(jobs, ready)),
-            )?);
+            threads.push(spawn(format!("gpu-loader-lane-{i}"), move || {
+                lane.run(jobs, ready)
+            })?);
         }
-        for i in 0..cpu_threads {
-            let (jobs, limits, counters) = (
-                cpu_rx.clone(),
-                DecodeLimits {
-                    max_pixels: cfg.max_pixels,
-                },
-                counters.clone(),
-            );
-            threads.push(spawn(
-                format!("gpu-loader-cpu-{i}"),
-                Box::new(move || cpu_decode_worker(jobs, limits, counters)),
-            )?);
+        let limits = DecodeLimits {
+            max_pixels: cfg.max_pixels,
+        };
+        for i in 0..sizing.cpu_threads {
+            let (jobs, counters) = (cpu_rx.clone(), counters.clone());
+            threads.push(spawn(format!("gpu-loader-cpu-{i}"), move || {
+                cpu_decode_worker(jobs, limits, counters)
+            })?);
         }
 
+        let batch = cfg.sampler.batch_size;
         let sample_bytes = cfg.output.sample_bytes() as u64 + 8;
-        let output_bytes = (lanes + cfg.prefetch.max(1) + 2) as u64 * batch as u64 * sample_bytes;
+        let output_bytes =
+            (sizing.lanes + cfg.prefetch.max(1) + 2) as u64 * batch as u64 * sample_bytes;
         Ok(Self {
             null_stream,
             batches: InOrder::new(
@@ -257,7 +248,7 @@ impl GpuLoader {
             counters,
             skipped: Vec::new(),
             output: cfg.output,
-            cpu_threads,
+            cpu_threads: sizing.cpu_threads,
             lane_bytes,
             output_bytes,
         })
@@ -276,24 +267,30 @@ impl GpuLoader {
         Some(finished.and_then(|f| self.deliver(f)))
     }
 
-    fn deliver(&mut self, mut f: Finished) -> Result<Batch> {
-        let result = std::mem::replace(&mut f.result, Err(Error::Config(String::new())));
+    fn deliver(&mut self, f: Finished) -> Result<Batch> {
+        let Finished {
+            epoch,
+            index,
+            samples,
+            skipped,
+            mut skipped_records,
+            result,
+            ..
+        } = f;
         let (images, labels, done) = result?;
         // libtorch's stream (the legacy default stream) waits for the lane's work.
         if let Err(e) = self.null_stream.wait(&done) {
             let _ = done.synchronize();
             return Err(cuda("ordering the batch before libtorch's work", e));
         }
-        let n = f.samples.len() as u64;
+        let n = samples.len() as u64;
         self.counters
             .skipped
-            .fetch_add(f.skipped_records.len() as u64, Ordering::Relaxed);
-        self.skipped.append(&mut f.skipped_records);
+            .fetch_add(skipped_records.len() as u64, Ordering::Relaxed);
+        self.skipped.append(&mut skipped_records);
         self.counters.batches.fetch_add(1, Ordering::Relaxed);
         self.counters.samples.fetch_add(n, Ordering::Relaxed);
-        Ok(Batch::owned(
-            images, labels, f.epoch, f.index, f.samples, f.skipped,
-        ))
+        Ok(Batch::owned(images, labels, epoch, index, samples, skipped))
     }
 
     pub fn stats(&self) -> LoaderStats {
@@ -333,6 +330,56 @@ impl Drop for GpuLoader {
             let _ = t.join();
         }
     }
+}
+
+/// Refuses what the GPU path cannot do before any GPU work.
+fn check_config(cfg: &LoaderConfig, opts: &GpuOptions) -> Result<()> {
+    if let Some(share) = opts.hardware_share {
+        if !(0.0..=1.0).contains(&share) {
+            return Err(Error::Config(format!(
+                "hardware share {share} is not between 0 and 1"
+            )));
+        }
+    }
+    if let Some(n) = &cfg.output.normalize {
+        if !(n.mean.iter().all(|m| m.is_finite()) && n.std.iter().all(|s| s.is_normal())) {
+            return Err(Error::Config(format!("bad normalisation {n:?}")));
+        }
+    }
+    if cfg.output.dtype == OutputDtype::U8 && cfg.output.normalize.is_some() {
+        return Err(Error::Config("u8 output cannot be normalised".into()));
+    }
+    Ok(())
+}
+
+/// The CUDA context of GPU `device`, bound to this thread, with cudarc's event tracking off.
+fn open_device(device: usize) -> Result<Arc<CudaContext>> {
+    if !tch::Cuda::is_available() {
+        return Err(Error::Cuda(
+            "libtorch sees no CUDA device (no GPU, no driver, or libtorch_cuda not linked)".into(),
+        ));
+    }
+    let devices = tch::Cuda::device_count() as usize;
+    if device >= devices {
+        return Err(Error::Config(format!(
+            "GPU {device} requested, {devices} visible"
+        )));
+    }
+    let ctx = CudaContext::new(device).map_err(|e| cuda("opening the GPU", e))?;
+    // Every buffer here is used on one stream, ordered by hand; cudarc's per-slice
+    // event tracking would only add synchronisation.
+    // SAFETY: no slices exist yet; ordering is handled as the module docs say.
+    unsafe { ctx.disable_event_tracking() };
+    ctx.bind_to_thread()
+        .map_err(|e| cuda("binding the context", e))?;
+    Ok(ctx)
+}
+
+fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(name.clone())
+        .spawn(f)
+        .map_err(|source| Error::Spawn { name, source })
 }
 
 fn plan_batches(
@@ -509,8 +556,9 @@ impl Lane {
         // this thread (without it the first batch fails with an allocator error).
         if let Err(e) = self.stream.context().bind_to_thread() {
             for job in jobs.iter() {
-                let mut f = self.process_nothing(job);
-                f.result = Err(cuda("binding the GPU context to a loader thread", e));
+                let n = job.samples.len();
+                let e = cuda("binding the GPU context to a loader thread", e);
+                let f = Finished::new(job, vec![false; n], Vec::new(), Err(e));
                 if ready.send(f).is_err() {
                     break;
                 }
@@ -528,41 +576,60 @@ impl Lane {
         let _ = self.stream.synchronize();
     }
 
-    /// A batch with no result yet.
-    fn process_nothing(&self, job: PlannedBatch) -> Finished {
+    fn process(&mut self, job: PlannedBatch) -> Finished {
         let n = job.samples.len();
-        Finished {
-            seq: job.seq,
+        let mut batch = BatchOutcome {
+            policy: self.cfg.on_bad_record,
+            source: self.source.clone(),
             epoch: job.epoch,
             index: job.index,
-            samples: job.samples,
+            samples: &job.samples,
             skipped: vec![false; n],
             skipped_records: Vec::new(),
-            result: Err(Error::Config(String::new())),
-        }
-    }
-
-    fn process(&mut self, job: PlannedBatch) -> Finished {
-        let epoch = job.epoch;
-        let mut f = self.process_nothing(job);
-        f.result = self.build(epoch, &f.samples, &mut f.skipped, &mut f.skipped_records);
-        if f.result.is_err() {
+        };
+        let result = self.build(&mut batch);
+        if result.is_err() {
             // Whatever was queued for this batch finishes before its memory is reused.
             let _ = self.stream.synchronize();
         }
         self.account();
-        f
+        let (skipped, skipped_records) = (batch.skipped, batch.skipped_records);
+        Finished::new(job, skipped, skipped_records, result)
     }
 
     /// Reads, decodes and augments one batch; returns its tensors and the event after
     /// which they are complete.
-    fn build(
-        &mut self,
-        epoch: u64,
-        samples: &[Sample],
-        skipped: &mut [bool],
-        skipped_records: &mut Vec<SkippedRecord>,
-    ) -> Result<(Tensor, Tensor, CudaEvent)> {
+    fn build(&mut self, batch: &mut BatchOutcome) -> Result<(Tensor, Tensor, CudaEvent)> {
+        self.finish_previous()?;
+        let n = batch.samples.len();
+        let t0 = Instant::now();
+        self.labels_host.reserve(n)?;
+        let mut planned = std::mem::take(&mut self.planned);
+        planned.clear();
+        let routed = self.read_and_route(batch, &mut planned)?;
+        let to_cpu = self.decode_on_hardware(&mut planned, routed)?;
+        self.collect_cpu_images(batch, &mut planned, to_cpu)?;
+        self.counters.decoded_cpu.fetch_add(
+            planned.iter().filter(|p| p.cpu.is_some()).count() as u64,
+            Ordering::Relaxed,
+        );
+        let t1 = Instant::now();
+        self.counters.decode_ns.fetch_add(
+            (t1 - t0).as_nanos() as u64 - routed.read_ns,
+            Ordering::Relaxed,
+        );
+        self.upload_sources(batch, &planned)?;
+        let result = self.launch_augment(n)?;
+        self.counters
+            .augment_ns
+            .fetch_add(t1.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.planned = planned;
+        Ok(result)
+    }
+
+    /// Before a batch reuses the lane's buffers: the previous upload has completed, its
+    /// kernel's time is counted, and CPU replies a failed batch left behind are drained.
+    fn finish_previous(&mut self) -> Result<()> {
         if let Some(ev) = self.uploaded.take() {
             ev.synchronize()
                 .map_err(|e| cuda("waiting for the previous upload", e))?;
@@ -578,37 +645,28 @@ impl Lane {
             self.outstanding -= 1;
             let _ = self.replies.1.recv();
         }
-        let n = samples.len();
-        let t0 = Instant::now();
-        self.labels_host.reserve(n)?;
-        let mut planned = std::mem::take(&mut self.planned);
-        planned.clear();
+        Ok(())
+    }
 
-        // 1. Read, plan, route.
-        let mut arena_len = 0usize;
-        let mut to_cpu = 0usize;
-        let mut read_ns = 0u64;
+    /// Step 1: read each record, plan its crop and route it to the hardware decoder (a
+    /// place in the arena) or to the CPU threads (sent now).
+    fn read_and_route(
+        &mut self,
+        batch: &mut BatchOutcome,
+        planned: &mut Vec<Planned>,
+    ) -> Result<Routing> {
+        let (epoch, samples) = (batch.epoch, batch.samples);
+        let n = samples.len();
+        let mut routed = Routing::default();
         for (pos, sample) in samples.iter().enumerate() {
             let index = sample.index as usize;
             let tr = Instant::now();
-            let record = if self.cfg.verify_crc {
-                self.source.record(index)
-            } else {
-                self.source.record_unchecked(index)
-            };
-            read_ns += tr.elapsed().as_nanos() as u64;
+            let record = self.cfg.read_record(self.source.as_ref(), index);
+            routed.read_ns += tr.elapsed().as_nanos() as u64;
             let record = match record {
                 Ok(r) => r,
                 Err(e) => {
-                    fail(
-                        self.cfg.on_bad_record,
-                        epoch,
-                        sample,
-                        record_error(self.source.as_ref(), index, e),
-                        skipped,
-                        skipped_records,
-                        pos,
-                    )?;
+                    batch.fail(pos, e)?;
                     planned.push(failed_plan());
                     continue;
                 }
@@ -623,15 +681,7 @@ impl Lane {
                 match self.header.header(&record.data) {
                     Ok(wh) => wh,
                     Err(e) => {
-                        fail(
-                            self.cfg.on_bad_record,
-                            epoch,
-                            sample,
-                            record_error(self.source.as_ref(), index, e),
-                            skipped,
-                            skipped_records,
-                            pos,
-                        )?;
+                        batch.fail(pos, e)?;
                         planned.push(failed_plan());
                         continue;
                     }
@@ -639,26 +689,11 @@ impl Lane {
             };
             if u64::from(w) * u64::from(h) > self.cfg.max_pixels {
                 let e = format!("{w}x{h} image has more than {} pixels", self.cfg.max_pixels);
-                fail(
-                    self.cfg.on_bad_record,
-                    epoch,
-                    sample,
-                    record_error(self.source.as_ref(), index, e),
-                    skipped,
-                    skipped_records,
-                    pos,
-                )?;
+                batch.fail(pos, e)?;
                 planned.push(failed_plan());
                 continue;
             }
-            let crop = match &self.cfg.transform {
-                Transform::Train(rrc) => rrc.plan(
-                    w,
-                    h,
-                    sample_seed(self.cfg.sampler.seed, epoch, sample.index),
-                ),
-                Transform::Eval(cc) => cc.plan(w, h),
-            };
+            let crop = self.cfg.crop_plan(w, h, epoch, sample.index);
             // A fixed draw per (seed, epoch, record): the same images take the same path
             // whichever lane gets the batch, so a run repeats exactly.
             let to_hardware = self.hardware_share >= 1.0
@@ -668,12 +703,12 @@ impl Lane {
                     sample.index,
                 )) < self.hardware_share;
             let hw = if to_hardware {
-                self.hardware_plan(&record, w, h, &crop, &mut arena_len)
+                self.hardware_plan(&record, w, h, &crop, &mut routed.arena_len)
             } else {
                 None
             };
             if hw.is_none() {
-                to_cpu += 1;
+                routed.to_cpu += 1;
                 self.send_cpu(pos, record.clone(), crop)?;
             }
             planned.push(Planned {
@@ -683,101 +718,99 @@ impl Lane {
                 cpu: None,
             });
         }
-        self.counters.read_ns.fetch_add(read_ns, Ordering::Relaxed);
+        self.counters
+            .read_ns
+            .fetch_add(routed.read_ns, Ordering::Relaxed);
+        Ok(routed)
+    }
 
-        // 2. One batched hardware decode on the lane's stream.
+    /// Step 2: one batched hardware decode on the lane's stream. A batch that fails twice
+    /// goes to the CPU threads whole. Returns how many images the CPU threads decode.
+    fn decode_on_hardware(&mut self, planned: &mut [Planned], routed: Routing) -> Result<usize> {
+        let mut to_cpu = routed.to_cpu;
         let hw_count = planned.iter().filter(|p| p.hw.is_some()).count();
-        if hw_count > 0 {
-            self.arena.reserve(arena_len, &self.stream)?;
-            let base = self.arena.ptr();
-            let targets: Vec<Target> = planned
-                .iter()
-                .filter_map(|p| {
-                    let (hw, rec) = (p.hw.as_ref()?, p.record.as_ref()?);
-                    let at = base + hw.offset as u64;
-                    Some(Target {
-                        data: rec.data.as_ptr(),
-                        len: rec.data.len(),
-                        planes: [at, at + hw.plane as u64, at + 2 * hw.plane as u64],
-                        pitch: hw.pitch,
-                        roi: hw.roi,
-                    })
-                })
-                .collect();
-            let decoder = self
-                .decoder
-                .as_mut()
-                .expect("hardware plans need a decoder");
-            let th = Instant::now();
-            // SAFETY: the records' bytes live in `planned` until this returns; the planes
-            // lie within the arena, which only this lane's stream uses.
-            let mut status = unsafe { decoder.decode(&targets, self.stream.cu_stream().cast()) };
-            if status.is_err() {
-                // Once more with a freshly initialised state, before giving up on it.
-                status = unsafe { decoder.decode(&targets, self.stream.cu_stream().cast()) };
-            }
-            self.counters
-                .hardware_ns
-                .fetch_add(th.elapsed().as_nanos() as u64, Ordering::Relaxed);
-            if let Err(e) = status {
-                // Which image failed is unknown: the CPU threads decode them all and
-                // name the bad one, if any.
-                self.counters
-                    .hardware_batch_failures
-                    .fetch_add(1, Ordering::Relaxed);
-                *self
-                    .counters
-                    .hardware_last_error
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
-                for (pos, p) in planned.iter_mut().enumerate() {
-                    if p.hw.take().is_some() {
-                        to_cpu += 1;
-                        let record = p.record.clone().expect("hardware plans have records");
-                        self.send_cpu(pos, record, p.crop)?;
-                    }
-                }
-            } else {
-                self.counters
-                    .decoded_hardware
-                    .fetch_add(hw_count as u64, Ordering::Relaxed);
-            }
+        if hw_count == 0 {
+            return Ok(to_cpu);
         }
+        self.arena.reserve(routed.arena_len, &self.stream)?;
+        let base = self.arena.ptr();
+        let targets: Vec<Target> = planned
+            .iter()
+            .filter_map(|p| {
+                let (hw, rec) = (p.hw.as_ref()?, p.record.as_ref()?);
+                let at = base + hw.offset as u64;
+                Some(Target {
+                    data: rec.data.as_ptr(),
+                    len: rec.data.len(),
+                    planes: [at, at + hw.plane as u64, at + 2 * hw.plane as u64],
+                    pitch: hw.pitch,
+                    roi: hw.roi,
+                })
+            })
+            .collect();
+        let decoder = self
+            .decoder
+            .as_mut()
+            .expect("hardware plans need a decoder");
+        let th = Instant::now();
+        // SAFETY: the records' bytes live in `planned` until this returns; the planes
+        // lie within the arena (reserved above for `arena_len` bytes, which
+        // `hardware_plan` sized for every plane), which only this lane's stream uses.
+        let mut status = unsafe { decoder.decode(&targets, self.stream.cu_stream().cast()) };
+        if status.is_err() {
+            // Once more with a freshly initialised state, before giving up on it.
+            // SAFETY: the same targets as just above.
+            status = unsafe { decoder.decode(&targets, self.stream.cu_stream().cast()) };
+        }
+        self.counters
+            .hardware_ns
+            .fetch_add(th.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        if let Err(e) = status {
+            // Which image failed is unknown: the CPU threads decode them all and
+            // name the bad one, if any.
+            self.counters
+                .hardware_batch_failures
+                .fetch_add(1, Ordering::Relaxed);
+            *lock(&self.counters.hardware_last_error) = Some(e.to_string());
+            for (pos, p) in planned.iter_mut().enumerate() {
+                if p.hw.take().is_some() {
+                    to_cpu += 1;
+                    let record = p.record.clone().expect("hardware plans have records");
+                    self.send_cpu(pos, record, p.crop)?;
+                }
+            }
+        } else {
+            self.counters
+                .decoded_hardware
+                .fetch_add(hw_count as u64, Ordering::Relaxed);
+        }
+        Ok(to_cpu)
+    }
 
-        // 3. Collect the CPU threads' images.
+    /// Step 3: collect the `to_cpu` images the CPU threads decode.
+    fn collect_cpu_images(
+        &mut self,
+        batch: &mut BatchOutcome,
+        planned: &mut [Planned],
+        to_cpu: usize,
+    ) -> Result<()> {
         for _ in 0..to_cpu {
-            let (pos, result) = self
-                .replies
-                .1
-                .recv()
-                .map_err(|_| Error::Config("GPU loader CPU threads stopped".into()))?;
+            let (pos, result) = self.replies.1.recv().map_err(|_| Error::Stopped {
+                what: "GPU loader CPU threads",
+            })?;
             self.outstanding -= 1;
             match result {
                 Ok(image) => planned[pos].cpu = Some(image),
-                Err(e) => {
-                    let index = samples[pos].index as usize;
-                    fail(
-                        self.cfg.on_bad_record,
-                        epoch,
-                        &samples[pos],
-                        record_error(self.source.as_ref(), index, e),
-                        skipped,
-                        skipped_records,
-                        pos,
-                    )?;
-                }
+                Err(e) => batch.fail(pos, e)?,
             }
         }
-        self.counters.decoded_cpu.fetch_add(
-            planned.iter().filter(|p| p.cpu.is_some()).count() as u64,
-            Ordering::Relaxed,
-        );
-        let t1 = Instant::now();
-        self.counters
-            .decode_ns
-            .fetch_add((t1 - t0).as_nanos() as u64 - read_ns, Ordering::Relaxed);
+        Ok(())
+    }
 
-        // 4. Upload the CPU-decoded images and the per-sample parameters.
+    /// Step 4: upload the CPU-decoded images and the per-sample parameters; skipped
+    /// samples repeat the batch's first good one, as on the CPU path.
+    fn upload_sources(&mut self, batch: &mut BatchOutcome, planned: &[Planned]) -> Result<()> {
+        let n = batch.samples.len();
         let cpu_len: usize = planned
             .iter()
             .filter_map(|p| p.cpu.as_ref())
@@ -817,20 +850,11 @@ impl Lane {
                 match (x, y) {
                     (Some(x), Some(y)) => Some(SampleParams::new(src, x, y, &out, window.flip)),
                     _ => {
-                        let index = samples[pos].index as usize;
                         let e = format!(
                             "crop {window:?} lies outside the {}x{} image",
                             img.width, img.height
                         );
-                        fail(
-                            self.cfg.on_bad_record,
-                            epoch,
-                            &samples[pos],
-                            record_error(self.source.as_ref(), index, e),
-                            skipped,
-                            skipped_records,
-                            pos,
-                        )?;
+                        batch.fail(pos, e)?;
                         None
                     }
                 }
@@ -842,18 +866,18 @@ impl Lane {
                     params[pos] = s;
                     good.get_or_insert(pos);
                 }
-                None => skipped[pos] = true,
+                None => batch.skipped[pos] = true,
             }
         }
-        // Skipped samples repeat the batch's first good one, as on the CPU path.
         let Some(good) = good else {
-            return Err(Error::Config(format!(
-                "every record of a batch of epoch {epoch} failed to decode"
-            )));
+            return Err(Error::AllRecordsFailed {
+                epoch: batch.epoch,
+                batch: batch.index,
+            });
         };
         let labels = self.labels_host.slice_mut(n);
         for pos in 0..n {
-            if skipped[pos] {
+            if batch.skipped[pos] {
                 params[pos] = params[good];
                 labels[pos] = labels[good];
             }
@@ -871,21 +895,16 @@ impl Lane {
             cu::memcpy_htod_async(self.params_dev.ptr(), &params[..n], stream)
                 .map_err(|e| cuda("uploading sample parameters", e))?;
         }
+        Ok(())
+    }
 
-        // 5. Output tensors from libtorch's allocator, ordered after its queued work.
+    /// Step 5: output tensors from libtorch's allocator, ordered after its queued work,
+    /// then the augment kernel and the labels' upload on the lane's stream.
+    fn launch_augment(&mut self, n: usize) -> Result<(Tensor, Tensor, CudaEvent)> {
+        let out = self.cfg.output;
         let device = Device::Cuda(self.opts.device);
-        let (b, oh, ow) = (n as i64, i64::from(out.height), i64::from(out.width));
-        let kind = match out.dtype {
-            OutputDtype::U8 => Kind::Uint8,
-            OutputDtype::F16 => Kind::Half,
-            OutputDtype::Bf16 => Kind::BFloat16,
-            OutputDtype::F32 => Kind::Float,
-        };
-        let images = match out.layout {
-            Layout::Nchw => Tensor::empty([b, 3, oh, ow], (kind, device)),
-            Layout::Nhwc => Tensor::empty([b, oh, ow, 3], (kind, device)).permute([0, 3, 1, 2]),
-        };
-        let labels_dev = Tensor::empty([b], (Kind::Int64, device));
+        let images = out.empty_images(n, device);
+        let labels_dev = Tensor::empty([n as i64], (Kind::Int64, device));
         let allocated = self
             .null_stream
             .record_event(None)
@@ -899,6 +918,7 @@ impl Lane {
                 .map_err(|e| cuda("recording an event", e))
         };
         let kernel_start = timing()?;
+        let labels = self.labels_host.slice_mut(n);
         // SAFETY: parameters and sources are on the device (queued on this stream above);
         // the tensors hold `n` samples and labels.
         unsafe {
@@ -909,8 +929,12 @@ impl Lane {
                 images.data_ptr() as u64,
                 &out,
             )?;
-            cu::memcpy_htod_async(labels_dev.data_ptr() as u64, &labels[..n], stream)
-                .map_err(|e| cuda("uploading labels", e))?;
+            cu::memcpy_htod_async(
+                labels_dev.data_ptr() as u64,
+                &labels[..n],
+                self.stream.cu_stream(),
+            )
+            .map_err(|e| cuda("uploading labels", e))?;
         }
         self.kernel_timing = Some((kernel_start, timing()?));
         let done = self
@@ -922,10 +946,6 @@ impl Lane {
                 .record_event(None)
                 .map_err(|e| cuda("recording an event", e))?,
         );
-        self.counters
-            .augment_ns
-            .fetch_add(t1.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        self.planned = planned;
         Ok((images, labels_dev, done))
     }
 
@@ -984,30 +1004,51 @@ impl Lane {
             out: (self.cfg.output.width, self.cfg.output.height),
             reply: self.replies.0.clone(),
         };
-        self.cpu_jobs
-            .send(job)
-            .map_err(|_| Error::Config("GPU loader CPU threads stopped".into()))
+        self.cpu_jobs.send(job).map_err(|_| Error::Stopped {
+            what: "GPU loader CPU threads",
+        })
     }
 }
 
-/// A sample that cannot be produced: the batch's error, or skipped and reported.
-fn fail(
+/// The batch a lane is building, and what became of its samples.
+struct BatchOutcome<'a> {
     policy: BadRecordPolicy,
+    source: Arc<dyn RecordSource>,
     epoch: u64,
-    sample: &Sample,
-    e: Error,
-    skipped: &mut [bool],
-    records: &mut Vec<SkippedRecord>,
-    pos: usize,
-) -> Result<()> {
-    match policy {
-        BadRecordPolicy::Error => Err(e),
-        BadRecordPolicy::Skip => {
-            skipped[pos] = true;
-            records.push(SkippedRecord::new(epoch, sample.index, &e));
-            Ok(())
+    /// Index of the batch within its epoch.
+    index: usize,
+    samples: &'a [Sample],
+    skipped: Vec<bool>,
+    skipped_records: Vec<SkippedRecord>,
+}
+
+impl BatchOutcome<'_> {
+    /// Sample `pos` cannot be produced because of `e`: the batch's error (policy `Error`),
+    /// or skipped and reported (policy `Skip`). The error names the record's shard.
+    fn fail(&mut self, pos: usize, e: impl std::fmt::Display) -> Result<()> {
+        let sample = &self.samples[pos];
+        let e = record_error(self.source.as_ref(), sample.index as usize, e);
+        match self.policy {
+            BadRecordPolicy::Error => Err(e),
+            BadRecordPolicy::Skip => {
+                self.skipped[pos] = true;
+                let skipped = SkippedRecord::new(self.epoch, sample.index, &e);
+                self.skipped_records.push(skipped);
+                Ok(())
+            }
         }
     }
+}
+
+/// What step 1 leaves for the next ones.
+#[derive(Debug, Clone, Copy, Default)]
+struct Routing {
+    /// Bytes of arena the hardware-decoded images need.
+    arena_len: usize,
+    /// Images sent to the CPU threads.
+    to_cpu: usize,
+    /// Time spent reading records.
+    read_ns: u64,
 }
 
 fn failed_plan() -> Planned {
