@@ -76,6 +76,15 @@ const OPEN_MPI: Source = Source {
 };
 
 impl DistEnv {
+    /// The GPU this rank uses: the only visible one when the launcher restricted
+    /// `CUDA_VISIBLE_DEVICES` to it, else the one at `LOCAL_RANK` (torchrun's convention).
+    pub fn device_index(&self) -> usize {
+        match std::env::var("CUDA_VISIBLE_DEVICES") {
+            Ok(v) if v.split(',').filter(|s| !s.trim().is_empty()).count() == 1 => 0,
+            _ => self.local_rank,
+        }
+    }
+
     /// The process group this process belongs to, from the environment (see the module
     /// docs for the variables). `None` when there is no group or it has one process.
     pub fn from_env() -> anyhow::Result<Option<DistEnv>> {

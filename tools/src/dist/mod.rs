@@ -160,7 +160,7 @@ pub fn dist_check(a: DistCheckArgs) -> anyhow::Result<()> {
         "world_size": env.world_size,
         "local_rank": env.local_rank,
         "payload_len": payload.len(),
-        "payload_crc": crc32(&payload),
+        "payload_crc": crc32c::crc32c(&payload),
         "cuda_visible_devices": std::env::var("CUDA_VISIBLE_DEVICES").ok(),
         "nccl": if a.nccl { nccl_diagnostics(&env, &payload) } else { serde_json::Value::Null },
     });
@@ -185,29 +185,13 @@ pub fn dist_check(a: DistCheckArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// CRC-32 (IEEE 802.3, as zlib), so that ranks can compare payloads in one number.
-fn crc32(bytes: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in bytes {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 == 1 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
-
 /// Sums over the group on the GPU, three ways: a libtorch tensor on the legacy default
 /// stream (what training does; also in f16 and bf16), the same on a separate stream, and a
 /// driver allocation on the legacy stream. Each entry says "ok", a wrong value, or the NCCL error.
 #[cfg(feature = "cuda")]
 fn nccl_diagnostics(env: &DistEnv, id: &[u8]) -> serde_json::Value {
     use tch::{Device, Kind, Tensor};
-    let device = crate::train::distributed::device_index(env);
+    let device = env.device_index();
     let comm = match nccl::Nccl::new(device, env.rank, env.world_size, id) {
         Ok(c) => c,
         Err(e) => return serde_json::json!({ "init": format!("{e:#}") }),
@@ -251,6 +235,8 @@ fn nccl_diagnostics(env: &DistEnv, id: &[u8]) -> serde_json::Value {
         Err(e) => format!("{e:?}"),
     };
     let t = fresh();
+    // SAFETY: a fresh 4 KiB device allocation, freed below; the copies stay within it and
+    // within `t` (1024 f32 = 4 KiB), after synchronising libtorch's work on `t`.
     let driver_null = match unsafe { cudarc::driver::result::malloc_sync(4096) } {
         Ok(p) => {
             tch::Cuda::synchronize(device as i64);
@@ -264,6 +250,9 @@ fn nccl_diagnostics(env: &DistEnv, id: &[u8]) -> serde_json::Value {
                         }
                         .map_err(|e| anyhow::anyhow!("{e:?}"))
                     });
+            // SAFETY: `p` came from malloc_sync above and nothing uses it any more (the
+            // copies were synchronous).
+            let _ = unsafe { cudarc::driver::result::free_sync(p) };
             check(&t, r)
         }
         Err(e) => format!("{e:?}"),
@@ -276,13 +265,4 @@ fn nccl_diagnostics(env: &DistEnv, id: &[u8]) -> serde_json::Value {
 #[cfg(not(feature = "cuda"))]
 fn nccl_diagnostics(_env: &DistEnv, _id: &[u8]) -> serde_json::Value {
     serde_json::json!("built without CUDA")
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn crc32_check_value() {
-        assert_eq!(super::crc32(b"123456789"), 0xCBF4_3926);
-        assert_eq!(super::crc32(b""), 0);
-    }
 }

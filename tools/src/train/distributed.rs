@@ -23,15 +23,6 @@ fn rendezvous_timeout() -> Duration {
     Duration::from_secs_f64(s)
 }
 
-/// The GPU this rank uses: the only visible one when the launcher restricted
-/// `CUDA_VISIBLE_DEVICES` to it, else the one at `LOCAL_RANK` (torchrun's convention).
-pub fn device_index(env: &DistEnv) -> usize {
-    match std::env::var("CUDA_VISIBLE_DEVICES") {
-        Ok(v) if v.split(',').filter(|s| !s.trim().is_empty()).count() == 1 => 0,
-        _ => env.local_rank,
-    }
-}
-
 pub struct Distributed {
     pub rank: usize,
     pub world_size: usize,
@@ -119,7 +110,7 @@ impl Distributed {
     #[cfg(feature = "cuda")]
     fn start_nccl(env: &DistEnv, timeout: Duration) -> anyhow::Result<Self> {
         use crate::dist::nccl::{unique_id, Nccl};
-        let device = device_index(env);
+        let device = env.device_index();
         let (id, mut group) = rendezvous(env, unique_id, timeout)?;
         let nccl = std::sync::Arc::new(Nccl::new(device, env.rank, env.world_size, &id)?);
         let rank = env.rank;
