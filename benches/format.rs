@@ -42,9 +42,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use convnets_formats::pack::{pack, PackOptions, PackSource, Quiet};
-use convnets_formats::sanitize::SanitizeOptions;
 use convnets_formats::{Dataset, RecordSource, ShardWriter, SplitReader};
+use convnets_pack::pack::{pack, PackOptions, PackSource, Quiet};
+use convnets_pack::sanitize::SanitizeOptions;
 use serde_json::{json, Value};
 
 mod common;
@@ -142,7 +142,7 @@ fn main() -> Result<()> {
                 }
                 std::fs::remove_dir_all(&out)?;
             };
-            let sum = |f: fn(&convnets_formats::pack::SplitReport) -> u64| {
+            let sum = |f: fn(&convnets_pack::pack::SplitReport) -> u64| {
                 report.splits.values().map(f).sum::<u64>()
             };
             let output_bytes: u64 = std::fs::read_dir(&out)?

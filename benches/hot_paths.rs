@@ -31,9 +31,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use convnets_formats::pack::{pack, PackOptions, PackSource, Quiet, ShardSizing};
-use convnets_formats::sanitize::SanitizeOptions;
 use convnets_formats::{Dataset, RecordSource, SplitReader};
+use convnets_pack::pack::{pack, PackOptions, PackSource, Quiet, ShardSizing};
+use convnets_pack::sanitize::SanitizeOptions;
 use convnets_pipeline::cpu::augment::{Augmenter, Layout, OutputDtype, OutputSpec};
 use convnets_pipeline::cpu::decode::{CpuDecoder, DecodeLimits, RgbImage};
 use convnets_pipeline::loader::{Loader, LoaderConfig, LoaderState};

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use common::*;
 use convnets_formats::jpeg::{self, Process};
-use convnets_formats::sanitize::{sanitize, Outcome, SanitizeOptions};
 use convnets_formats::{Dataset, Record};
+use convnets_pack::sanitize::{sanitize, Outcome, SanitizeOptions};
 
 /// A small clean folder with every awkward file added to `train/<second class>/`.
 fn fixture_with_awkward(

@@ -65,7 +65,7 @@ fn verify_lib(out: &Path) -> Result<VerifyReport> {
     Ok(verify(
         out,
         &VerifyOptions {
-            decode: false,
+            decode: None,
             threads: 2,
         },
     )?)

@@ -1,5 +1,6 @@
 //! Datasets for convnets: a sharded, indexed, checksummed record format read through
-//! mmap with zero copies, a reader for ImageNet TFRecords, and the ImageNet packer.
+//! mmap with zero copies and a reader for ImageNet TFRecords. The ImageNet packer, which
+//! needs image codecs the loader never uses, is the `convnets-pack` crate beside this one.
 //!
 //! ```no_run
 //! use convnets_formats::{Dataset, RecordSource};
@@ -16,9 +17,9 @@ pub mod atomic;
 pub mod dataset;
 pub mod error;
 pub mod jpeg;
+pub mod lock;
 pub mod manifest;
-pub mod pack;
-pub mod sanitize;
+pub mod names;
 pub mod shard;
 pub mod tfrecord;
 pub mod verify;
@@ -29,6 +30,10 @@ pub use manifest::{ClassInfo, Manifest, ShardInfo, SplitInfo};
 pub use shard::{IndexEntry, ShardReader, ShardSummary, ShardWriter};
 
 use bytes::Bytes;
+
+/// PIL's `Image.MAX_IMAGE_PIXELS`: larger images are treated as decompression bombs, by the
+/// packer before decoding and by the loader before sizing a buffer.
+pub const DEFAULT_MAX_PIXELS: u64 = 89_478_485;
 
 /// What the loader needs to plan a sample before decoding it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

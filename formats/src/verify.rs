@@ -9,14 +9,18 @@ use serde::Serialize;
 use crate::dataset::Dataset;
 use crate::error::{Error, Result};
 use crate::manifest::{shard_path, ShardInfo};
-use crate::sanitize::{sanitize, Outcome, SanitizeOptions};
 use crate::shard::ShardReader;
+
+/// Decodes one stored image and returns its width and height, or why it is not a record
+/// the loader takes. The packer's check (`convnets_pack::sanitize::check_stored`) is the
+/// one `convnets verify --decode` uses; it lives there because it needs image codecs.
+pub type ImageCheck = fn(&[u8]) -> std::result::Result<(u32, u32), String>;
 
 #[derive(Debug, Clone, Default)]
 pub struct VerifyOptions {
-    /// Also decode every image (slow): catches damage that the CRCs cannot, such as a
-    /// record that was already broken when it was packed with checks turned off.
-    pub decode: bool,
+    /// Also decode every image with this check (slow): catches damage that the CRCs cannot,
+    /// such as a record that was already broken when it was packed with checks turned off.
+    pub decode: Option<ImageCheck>,
     /// Worker threads; 0 means one per core.
     pub threads: usize,
 }
@@ -127,10 +131,6 @@ fn verify_shard(
         );
         report.damage.push(damage(None, reason));
     }
-    let decode_opts = SanitizeOptions {
-        verify_decode: true,
-        ..SanitizeOptions::default()
-    };
     for i in 0..reader.len() {
         report.records += 1;
         let result = reader.record(i).and_then(|rec| {
@@ -140,22 +140,13 @@ fn verify_shard(
                     rec.label
                 )));
             }
-            if opts.decode {
-                match sanitize(&rec.data, &decode_opts) {
-                    Outcome::Kept { width, height }
-                        if (width, height) == (rec.width, rec.height) => {}
-                    Outcome::Kept { width, height } => {
-                        return Err(Error::Invalid(format!(
-                            "image is {width}x{height}, index says {}x{}",
-                            rec.width, rec.height
-                        )))
-                    }
-                    Outcome::Reencoded { reason, .. } | Outcome::SkippedAwkward { reason } => {
-                        return Err(Error::Invalid(format!(
-                            "not a clean baseline JPEG: {reason}"
-                        )))
-                    }
-                    Outcome::Rejected(problem) => return Err(Error::Invalid(problem.to_string())),
+            if let Some(check) = opts.decode {
+                let (width, height) = check(&rec.data).map_err(Error::Invalid)?;
+                if (width, height) != (rec.width, rec.height) {
+                    return Err(Error::Invalid(format!(
+                        "image is {width}x{height}, index says {}x{}",
+                        rec.width, rec.height
+                    )));
                 }
             }
             Ok(())

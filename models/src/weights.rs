@@ -9,7 +9,7 @@
 //! [`load_tensors_except`] is as strict about every name but those it is told to leave out.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use tch::nn::VarStore;
 use tch::{no_grad, Device, Kind, Tensor};
@@ -148,8 +148,8 @@ pub fn load_tensors_except(
 /// `safetensors.torch.load_file` + `load_state_dict` accept.
 ///
 /// Tensors are written contiguous (NCHW) from the CPU whatever the model's device and layout.
-/// The file is written next to `path` and renamed into place, so a crash never leaves a
-/// truncated file under the final name.
+/// The file is written next to `path`, fsynced and renamed into place, so a crash never
+/// leaves a truncated file under the final name.
 pub fn save_safetensors(vs: &VarStore, path: impl AsRef<Path>) -> Result<()> {
     let path = path.as_ref();
     let write_err = |source: Box<dyn std::error::Error + Send + Sync>| Error::WriteWeights {
@@ -162,28 +162,17 @@ pub fn save_safetensors(vs: &VarStore, path: impl AsRef<Path>) -> Result<()> {
         named.push((name, cpu));
     }
     named.sort_by(|a, b| a.0.cmp(&b.0));
-    let tmp = temporary_path(path);
-    Tensor::write_safetensors(&named, &tmp).map_err(|e| write_err(Box::new(e)))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        write_err(Box::new(e))
+    convnets_formats::atomic::write_atomic_with(path, |tmp| {
+        Tensor::write_safetensors(&named, tmp).map_err(std::io::Error::other)
     })
-}
-
-/// `dir/name.safetensors` -> `dir/name.safetensors.tmp` (git-ignored, same file system).
-fn temporary_path(path: &Path) -> PathBuf {
-    let mut name = path
-        .file_name()
-        .map(|n| n.to_os_string())
-        .unwrap_or_default();
-    name.push(".tmp");
-    path.with_file_name(name)
+    .map_err(|e| write_err(Box::new(e)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::resnet::{resnet18, ModelConfig};
+    use std::path::PathBuf;
 
     type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
 
@@ -201,7 +190,7 @@ mod tests {
         let _model = resnet18(&vs.root(), 10, &ModelConfig::default())?;
         let path = dir.path().join("r18.safetensors");
         save_safetensors(&vs, &path)?;
-        assert!(!temporary_path(&path).exists());
+        assert!(!convnets_formats::atomic::temp_path(&path).exists());
 
         tch::manual_seed(4);
         let other = VarStore::new(Device::Cpu);

@@ -73,7 +73,9 @@ pub fn verify(a: VerifyArgs) -> anyhow::Result<()> {
     let report = verify_dataset(
         &a.dataset,
         &VerifyOptions {
-            decode: a.decode,
+            decode: a
+                .decode
+                .then_some(convnets_pack::sanitize::check_stored as _),
             threads: a.threads,
         },
     )?;

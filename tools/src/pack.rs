@@ -4,8 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
-use convnets_formats::pack::{self, PackOptions, PackProgress, PackSource, ShardSizing};
-use convnets_formats::sanitize::{AwkwardPolicy, SanitizeOptions};
+use convnets_formats::names::escaped_path;
+use convnets_pack::pack::{self, PackOptions, PackProgress, PackSource, ShardSizing};
+use convnets_pack::sanitize::{AwkwardPolicy, SanitizeOptions};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::units::{format_bytes, parse_bytes};
@@ -74,7 +75,7 @@ pub struct PackArgs {
     /// What to do with CMYK, grayscale, progressive, PNG and other awkward images.
     #[arg(long, value_enum, default_value_t = Awkward::Reencode)]
     pub awkward: Awkward,
-    /// Skip the full decode of clean JPEGs (faster; corrupt entropy data goes unnoticed).
+    /// Skip the strict libjpeg-turbo decode of JPEGs (faster; corrupt entropy data goes unnoticed).
     #[arg(long)]
     pub no_decode_check: bool,
     /// Fail on the first file that cannot be stored as is or re-encoded.
@@ -125,11 +126,14 @@ pub fn run(a: PackArgs) -> anyhow::Result<()> {
         strict: a.strict,
         max_file_bytes: a.max_file_size,
     };
-    std::fs::create_dir_all(&a.output)
-        .with_context(|| format!("cannot create {}", a.output.display()))?;
     let progress = Bar::new(a.quiet);
-    let report = pack::pack(&source, &a.output, &opts, &progress)
-        .with_context(|| format!("packing {} into {}", a.input.display(), a.output.display()))?;
+    let report = pack::pack(&source, &a.output, &opts, &progress).with_context(|| {
+        format!(
+            "packing {} into {}",
+            escaped_path(&a.input),
+            escaped_path(&a.output)
+        )
+    })?;
 
     if !a.quiet {
         for (name, s) in &report.splits {
@@ -148,17 +152,18 @@ pub fn run(a: PackArgs) -> anyhow::Result<()> {
                 }
             );
         }
-        let size: u64 = std::fs::read_dir(&a.output)?
+        let size: u64 = std::fs::read_dir(&a.output)
+            .with_context(|| format!("reading {}", escaped_path(&a.output)))?
             .filter_map(|e| e.ok()?.metadata().ok())
             .filter(|m| m.is_file())
             .map(|m| m.len())
             .sum();
-        println!("wrote {} ({})", a.output.display(), format_bytes(size));
+        println!("wrote {} ({})", escaped_path(&a.output), format_bytes(size));
         if !report.files.is_empty() {
             println!(
                 "{} files were not stored as is; each is listed in {}",
                 report.files.len(),
-                a.output.join(pack::REPORT_NAME).display()
+                escaped_path(&a.output.join(pack::REPORT_NAME))
             );
         }
     }

@@ -10,6 +10,8 @@
 //! interrupted run picks up where it stopped.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsString;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -19,16 +21,21 @@ use rand::SeedableRng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, IoContext, Result};
-use crate::manifest::{ClassInfo, Manifest, ShardInfo, SplitInfo};
+use convnets_formats::atomic::write_atomic;
+use convnets_formats::error::{Error, IoContext, Result};
+use convnets_formats::lock::FileLock;
+use convnets_formats::manifest::{ClassInfo, Manifest, ShardInfo, SplitInfo};
+use convnets_formats::names::{escaped, escaped_path};
+use convnets_formats::shard::{ShardReader, ShardWriter};
+use convnets_formats::tfrecord::{list_tfrecord_files, TfRecordSource};
+use convnets_formats::RecordSource;
+
 use crate::sanitize::{sanitize, Outcome, SanitizeOptions};
-use crate::shard::{ShardReader, ShardWriter};
-use crate::tfrecord::{list_tfrecord_files, TfRecordSource};
-use crate::RecordSource;
 
 pub const REPORT_NAME: &str = "pack-report.json";
 const STATE_DIR: &str = ".pack";
 const PLAN_NAME: &str = "plan.json";
+const LOCK_NAME: &str = "lock";
 pub const SHARD_EXT: &str = "cnr";
 
 /// Where the images come from.
@@ -179,9 +186,10 @@ fn pack_in_pool(
     opts: &PackOptions,
     progress: &dyn PackProgress,
 ) -> Result<PackReport> {
+    // The input is read and judged before anything is written.
     let (classes, mut splits) = match source {
         PackSource::ImageFolder { root, val_labels } => {
-            scan_image_folder(root, val_labels.as_deref())?
+            scan_image_folder(root, val_labels.as_deref(), folder_id(out))?
         }
         PackSource::TfRecords { dir, label_offset } => scan_tfrecords(dir, *label_offset)?,
     };
@@ -196,8 +204,102 @@ fn pack_in_pool(
             });
         }
     }
-    std::fs::create_dir_all(out.join(STATE_DIR)).at(out)?;
+    let created = prepare_output(out)?;
+    let lock = FileLock::acquire(&out.join(STATE_DIR).join(LOCK_NAME)).map_err(|e| match e {
+        Error::Locked { pid, .. } => Error::Input {
+            path: out.to_path_buf(),
+            reason: format!(
+                "in use by PID {pid} (another pack-imagenet); wait for it to end or stop it first"
+            ),
+        },
+        e => e,
+    })?;
+    let result = pack_locked(source, out, opts, progress, classes, splits);
+    if result.is_err() {
+        remove_unfinished(out, created);
+    }
+    drop(lock);
+    result
+}
 
+/// What [`prepare_output`] made, so a failed pack can take it away again.
+#[derive(Debug, Clone, Copy)]
+struct Created {
+    output: bool,
+    state: bool,
+}
+
+/// Checks the output folder and creates it and its `.pack/`: a file, or a folder holding
+/// something other than an earlier pack, is refused before anything is written.
+fn prepare_output(out: &Path) -> Result<Created> {
+    let output = match std::fs::metadata(out) {
+        Ok(m) if m.is_dir() => false,
+        Ok(_) => {
+            return Err(Error::Input {
+                path: out.to_path_buf(),
+                reason: "output is a file, not a folder".into(),
+            })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+        Err(e) => return Err(e).at(out),
+    };
+    let state_dir = out.join(STATE_DIR);
+    if !output && !state_dir.join(PLAN_NAME).is_file() {
+        let foreign = std::fs::read_dir(out)
+            .at(out)?
+            .any(|e| e.map(|e| e.file_name() != STATE_DIR).unwrap_or(true));
+        if foreign {
+            return Err(Error::Input {
+                path: out.to_path_buf(),
+                reason: "output folder is not empty and was not made by pack-imagenet".into(),
+            });
+        }
+    }
+    let state = !state_dir.is_dir();
+    std::fs::create_dir_all(&state_dir).at(&state_dir)?;
+    Ok(Created { output, state })
+}
+
+/// After a failed pack that finished no shard: removes what this run created (the output
+/// folder, else its `.pack/`), so an error leaves nothing behind. Finished shards stay, for
+/// the next run to resume from.
+fn remove_unfinished(out: &Path, created: Created) {
+    let state_dir = out.join(STATE_DIR);
+    let finished_any = std::fs::read_dir(&state_dir).is_ok_and(|mut entries| {
+        entries.any(|e| {
+            e.is_ok_and(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .ends_with(&format!(".{SHARD_EXT}.json"))
+            })
+        })
+    });
+    if finished_any {
+        return;
+    }
+    if created.output {
+        let _ = std::fs::remove_dir_all(out);
+    } else if created.state {
+        let _ = std::fs::remove_dir_all(&state_dir);
+    }
+}
+
+/// (device, inode) of an existing folder, to recognise it however it is reached.
+fn folder_id(path: &Path) -> Option<(u64, u64)> {
+    std::fs::metadata(path)
+        .ok()
+        .filter(|m| m.is_dir())
+        .map(|m| (m.dev(), m.ino()))
+}
+
+fn pack_locked(
+    source: &PackSource,
+    out: &Path,
+    opts: &PackOptions,
+    progress: &dyn PackProgress,
+    classes: Vec<ClassInfo>,
+    mut splits: Vec<SplitInput>,
+) -> Result<PackReport> {
     let plans: Vec<Vec<Vec<Item>>> = splits.iter().map(|s| plan_shards(s, opts)).collect();
     check_plan(out, source, opts, &classes, &splits, &plans)?;
 
@@ -220,7 +322,7 @@ fn pack_in_pool(
     let mut text = serde_json::to_vec_pretty(&report)
         .map_err(|e| Error::Invalid(format!("cannot serialise report: {e}")))?;
     text.push(b'\n');
-    crate::atomic::write_atomic(&out.join(REPORT_NAME), &text)?;
+    write_atomic(&out.join(REPORT_NAME), &text)?;
     // The manifest comes last: its presence means the dataset is complete.
     manifest.save(out)?;
     Ok(report)
@@ -317,17 +419,9 @@ fn check_plan(
                      remove it or choose another output folder"
                 .into(),
         }),
+        // prepare_output() has refused a folder holding anything else.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if std::fs::read_dir(out)
-                .at(out)?
-                .any(|e| e.map(|e| e.file_name() != STATE_DIR).unwrap_or(true))
-            {
-                return Err(Error::Input {
-                    path: out.to_path_buf(),
-                    reason: "output folder is not empty and was not made by pack-imagenet".into(),
-                });
-            }
-            crate::atomic::write_atomic(&path, digest.as_bytes())
+            write_atomic(&path, digest.as_bytes())
         }
         Err(e) => Err(e).at(&path),
     }
@@ -551,7 +645,7 @@ fn write_shard(out: &Path, split: &str, name: &str, results: Vec<Processed>) -> 
     done.info.crc32c = summary.crc32c;
     let sidecar = out.join(STATE_DIR).join(format!("{name}.json"));
     let text = serde_json::to_vec(&done).map_err(|e| Error::Invalid(e.to_string()))?;
-    crate::atomic::write_atomic(&sidecar, &text)?;
+    write_atomic(&sidecar, &text)?;
     Ok(done)
 }
 
@@ -571,16 +665,30 @@ fn read_item(split: &SplitInput, item: &Item) -> Result<Bytes> {
 // ---------------------------------------------------------------------------------------
 // ImageNet folders
 
-/// Lists `root/train` and `root/val` (or `root/validation`).
+/// Lists `root/train` and `root/val` (or `root/validation`). `out` is the output folder
+/// (if it exists already), which is never taken for input.
 fn scan_image_folder(
     root: &Path,
     val_labels: Option<&Path>,
+    out: Option<(u64, u64)>,
 ) -> Result<(Vec<ClassInfo>, Vec<SplitInput>)> {
-    if !root.is_dir() {
-        return Err(Error::Input {
-            path: root.to_path_buf(),
-            reason: "input folder does not exist".into(),
-        });
+    match std::fs::metadata(root) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(Error::Input {
+                path: root.to_path_buf(),
+                reason: "input is a file, not a folder (expected the ImageNet layout \
+                         train/<wnid>/*.JPEG, or a folder of TFRecords)"
+                    .into(),
+            })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::Input {
+                path: root.to_path_buf(),
+                reason: "input folder does not exist".into(),
+            })
+        }
+        Err(e) => return Err(e).at(root),
     }
     let train_dir = root.join("train");
     let val_dir = ["val", "validation"]
@@ -597,7 +705,7 @@ fn scan_image_folder(
     }
     let val_labels = match (&val_dir, val_labels) {
         (_, Some(p)) => Some(read_val_labels(p)?),
-        (Some(v), None) if subdirs(v)?.is_empty() => {
+        (Some(v), None) if subdirs(v, out)?.is_empty() => {
             let found = ["LOC_val_solution.csv", "val_labels.txt", "val.txt"]
                 .iter()
                 .flat_map(|n| [root.join(n), root.join("..").join(n)])
@@ -617,19 +725,33 @@ fn scan_image_folder(
         _ => None,
     };
 
-    let wnids: Vec<String> = if train_dir.is_dir() {
-        subdirs(&train_dir)?
-    } else if let Some(labels) = &val_labels {
-        let mut w: Vec<String> = labels.values().cloned().collect();
-        w.sort();
-        w.dedup();
-        w
+    // The split whose folders define the classes, if the classes come from folders.
+    let class_dir = if train_dir.is_dir() {
+        Some(train_dir.clone())
+    } else if val_labels.is_some() {
+        None
     } else {
-        subdirs(val_dir.as_deref().unwrap_or(root))?
+        val_dir.clone()
+    };
+    let wnids: Vec<String> = match &class_dir {
+        Some(dir) => {
+            let folders = subdirs(dir, out)?;
+            refuse_empty_classes(dir, &folders)?;
+            folders.iter().map(|f| escaped(f)).collect()
+        }
+        None => {
+            let mut w: Vec<String> = val_labels
+                .iter()
+                .flat_map(|labels| labels.values().cloned())
+                .collect();
+            w.sort();
+            w.dedup();
+            w
+        }
     };
     if wnids.is_empty() {
         return Err(Error::Input {
-            path: train_dir,
+            path: class_dir.unwrap_or(train_dir),
             reason: "no class folders found".into(),
         });
     }
@@ -649,40 +771,92 @@ fn scan_image_folder(
 
     let mut splits = Vec::new();
     if train_dir.is_dir() {
-        splits.push(scan_class_folders(root, "train", &train_dir, &label_of)?);
+        splits.push(scan_class_folders(
+            root, "train", &train_dir, &label_of, out,
+        )?);
     }
     if let Some(val_dir) = val_dir {
         let split = match &val_labels {
             Some(labels) => scan_flat_val(root, &val_dir, labels, &label_of)?,
-            None => scan_class_folders(root, "val", &val_dir, &label_of)?,
+            None => scan_class_folders(root, "val", &val_dir, &label_of, out)?,
         };
         splits.push(split);
     }
     Ok((classes, splits))
 }
 
-/// Sorted names of the sub-folders of `dir` (hidden ones ignored).
-fn subdirs(dir: &Path) -> Result<Vec<String>> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).at(dir)? {
-        let entry = entry.at(dir)?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if !name.starts_with('.') && entry.path().is_dir() {
-            out.push(name);
+/// A class folder without images would be a class no sample can teach (torchvision's
+/// `ImageFolder` refuses one too), and leaving it out would renumber the classes after it:
+/// the pack stops and names every such folder.
+fn refuse_empty_classes(dir: &Path, folders: &[OsString]) -> Result<()> {
+    let mut empty = Vec::new();
+    for folder in folders {
+        if files_in(&dir.join(folder))?.is_empty() {
+            empty.push(escaped(folder));
         }
     }
-    out.sort();
-    Ok(out)
+    let Some(first) = empty.first() else {
+        return Ok(());
+    };
+    let others = match empty.len() {
+        1 => String::new(),
+        n => format!(" ({n} such folders: {})", empty.join(", ")),
+    };
+    Err(Error::Input {
+        path: dir.join(first),
+        reason: format!(
+            "class folder holds no image files{others}; add images or remove it \
+             (sub-folders of a class folder are not read)"
+        ),
+    })
+}
+
+/// Sorted names of the sub-folders of `dir` (hidden ones ignored), as the file system has
+/// them (not necessarily UTF-8). The output folder `out` is left out; a link back to `dir`
+/// or a folder above it (a loop) is refused.
+fn subdirs(dir: &Path, out: Option<(u64, u64)>) -> Result<Vec<OsString>> {
+    let mut found = Vec::new();
+    let mut canonical_dir = None;
+    for entry in std::fs::read_dir(dir).at(dir)? {
+        let entry = entry.at(dir)?;
+        let name = entry.file_name();
+        let path = entry.path();
+        if name.as_encoded_bytes().starts_with(b".") || !path.is_dir() {
+            continue;
+        }
+        if out.is_some() && folder_id(&path) == out {
+            continue;
+        }
+        if entry.file_type().at(&path)?.is_symlink() {
+            let canonical_dir = match &canonical_dir {
+                Some(c) => c,
+                None => canonical_dir.insert(std::fs::canonicalize(dir).at(dir)?),
+            };
+            let target = std::fs::canonicalize(&path).at(&path)?;
+            if canonical_dir.starts_with(&target) {
+                return Err(Error::Input {
+                    path,
+                    reason: format!(
+                        "link to {}, which holds it (a loop); remove the link",
+                        escaped_path(&target)
+                    ),
+                });
+            }
+        }
+        found.push(name);
+    }
+    found.sort();
+    Ok(found)
 }
 
 /// Sorted (name, path, size) of the plain files in `dir` (hidden ones ignored).
-fn files_in(dir: &Path) -> Result<Vec<(String, PathBuf, u64)>> {
+fn files_in(dir: &Path) -> Result<Vec<(OsString, PathBuf, u64)>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).at(dir)? {
         let entry = entry.at(dir)?;
-        let name = entry.file_name().to_string_lossy().into_owned();
+        let name = entry.file_name();
         let path = entry.path();
-        if name.starts_with('.') {
+        if name.as_encoded_bytes().starts_with(b".") {
             continue;
         }
         let meta = std::fs::metadata(&path).at(&path)?;
@@ -694,11 +868,9 @@ fn files_in(dir: &Path) -> Result<Vec<(String, PathBuf, u64)>> {
     Ok(out)
 }
 
+/// `path` relative to the input folder, for reports: distinct names read distinctly.
 fn relative_name(root: &Path, path: &Path) -> String {
-    path.strip_prefix(root)
-        .unwrap_or(path)
-        .to_string_lossy()
-        .into_owned()
+    escaped_path(path.strip_prefix(root).unwrap_or(path))
 }
 
 fn scan_class_folders(
@@ -706,17 +878,18 @@ fn scan_class_folders(
     split: &str,
     dir: &Path,
     label_of: &HashMap<&str, u32>,
+    out: Option<(u64, u64)>,
 ) -> Result<SplitInput> {
     let mut items = Vec::new();
     let mut refused = Vec::new();
-    for wnid in subdirs(dir)? {
-        let Some(&label) = label_of.get(wnid.as_str()) else {
+    for folder in subdirs(dir, out)? {
+        let Some(&label) = label_of.get(escaped(&folder).as_str()) else {
             return Err(Error::Input {
-                path: dir.join(&wnid),
+                path: dir.join(&folder),
                 reason: "class folder is not one of the classes of train/".into(),
             });
         };
-        for (_, path, size) in files_in(&dir.join(&wnid))? {
+        for (_, path, size) in files_in(&dir.join(&folder))? {
             items.push(Item {
                 name: relative_name(root, &path),
                 label,
@@ -752,9 +925,9 @@ fn scan_flat_val(
     for (name, path, size) in files_in(dir)? {
         let stem = Path::new(&name)
             .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
+            .map(escaped)
             .unwrap_or_default();
-        let wnid = labels.get(&name).or_else(|| labels.get(&stem));
+        let wnid = labels.get(&escaped(&name)).or_else(|| labels.get(&stem));
         match wnid.map(|w| (w, label_of.get(w.as_str()))) {
             Some((_, Some(&label))) => items.push(Item {
                 name: relative_name(root, &path),

@@ -22,10 +22,10 @@ use image::imageops::{self, FilterType};
 use image::{DynamicImage, ImageError, ImageFormat, ImageReader, Limits, RgbImage};
 use serde::Serialize;
 
-use crate::jpeg::{self, ColorSpace, HeaderError, JpegInfo, Process, Subsampling};
+use crate::strict_decode;
+use convnets_formats::jpeg::{self, ColorSpace, HeaderError, JpegInfo, Process, Subsampling};
 
-/// PIL's `Image.MAX_IMAGE_PIXELS`: larger images are treated as decompression bombs.
-pub const DEFAULT_MAX_PIXELS: u64 = 89_478_485;
+pub use convnets_formats::DEFAULT_MAX_PIXELS;
 
 /// Bytes per pixel of the widest decoded layout (RGBA, 16 bits per channel).
 const MAX_BYTES_PER_PIXEL: u64 = 8;
@@ -41,8 +41,9 @@ pub struct SanitizeOptions {
     pub awkward: AwkwardPolicy,
     /// JPEG quality (1..=100) of re-encoded images.
     pub quality: u8,
-    /// Check the entropy-coded data of sequential JPEGs strictly ([`jpeg::verify_scans`])
-    /// and fully decode kept JPEGs, so corrupt data is rejected instead of stored.
+    /// Decode 8-bit Huffman JPEGs in full with libjpeg-turbo, stopping at its first warning
+    /// ([`crate::strict_decode`]), so corrupt data is rejected instead of stored or
+    /// re-encoded with the damage concealed.
     pub verify_decode: bool,
 }
 
@@ -233,6 +234,23 @@ pub fn sanitize(bytes: &[u8], opts: &SanitizeOptions) -> Outcome {
     result.unwrap_or_else(Outcome::Rejected)
 }
 
+/// The image check of `convnets verify --decode` ([`convnets_formats::verify::ImageCheck`]):
+/// a stored record must be one [`sanitize`] keeps as it is. Returns its width and height.
+pub fn check_stored(bytes: &[u8]) -> Result<(u32, u32), String> {
+    // Skip: an awkward record is reported, not re-encoded for nothing.
+    let opts = SanitizeOptions {
+        awkward: AwkwardPolicy::Skip,
+        ..SanitizeOptions::default()
+    };
+    match sanitize(bytes, &opts) {
+        Outcome::Kept { width, height } => Ok((width, height)),
+        Outcome::Reencoded { reason, .. } | Outcome::SkippedAwkward { reason } => {
+            Err(format!("not a clean baseline JPEG: {reason}"))
+        }
+        Outcome::Rejected(problem) => Err(problem.to_string()),
+    }
+}
+
 fn sanitize_jpeg(
     bytes: &[u8],
     info: &JpegInfo,
@@ -244,8 +262,9 @@ fn sanitize_jpeg(
         return Err(Problem::Truncated);
     }
     // Lenient decoders conceal corrupt entropy data, so check it strictly where we can.
-    if opts.verify_decode && info.process.is_sequential_huffman() {
-        jpeg::verify_scans(bytes).map_err(|e| Problem::Corrupt(e.to_string()))?;
+    let huffman_dct = info.process.is_sequential_huffman() || info.process == Process::Progressive;
+    if opts.verify_decode && huffman_dct && info.precision == 8 {
+        strict_decode::decode_strict(bytes, info, opts.max_pixels).map_err(Problem::Corrupt)?;
     }
     if misdecoded_by_zune(info) {
         return Err(Problem::Unsupported(format!(
@@ -257,15 +276,11 @@ fn sanitize_jpeg(
     let reason = jpeg_awkwardness(info).or_else(|| side_too_large(info.width, info.height, opts));
     match reason {
         Some(reason) => handle_awkward(bytes, ImageFormat::Jpeg, reason, opts),
-        None => {
-            if opts.verify_decode {
-                decode(bytes, ImageFormat::Jpeg, opts)?;
-            }
-            Ok(Outcome::Kept {
-                width: info.width,
-                height: info.height,
-            })
-        }
+        // Decoded in full above when verifying.
+        None => Ok(Outcome::Kept {
+            width: info.width,
+            height: info.height,
+        }),
     }
 }
 
@@ -1056,7 +1071,6 @@ mod tests {
             }
             bytes.truncate((cut * bytes.len() as f64) as usize);
             let _ = jpeg::parse_header(&bytes);
-            let _ = jpeg::verify_scans(&bytes);
             match sanitize(&bytes, &SanitizeOptions::default()) {
                 Outcome::Kept { .. } => prop_assert!(jpeg::parse_header(&bytes).is_ok_and(|i| i.has_eoi)),
                 Outcome::Reencoded { data, width, height, .. } => {

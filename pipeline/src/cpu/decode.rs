@@ -64,7 +64,7 @@ pub struct DecodeLimits {
 impl Default for DecodeLimits {
     fn default() -> Self {
         Self {
-            max_pixels: convnets_formats::sanitize::DEFAULT_MAX_PIXELS,
+            max_pixels: convnets_formats::DEFAULT_MAX_PIXELS,
         }
     }
 }
