@@ -233,3 +233,126 @@ fn bad_training_values_are_refused_before_anything_is_written() -> Result<()> {
     )?;
     Ok(())
 }
+
+/// Set in a child process of this test binary: the arguments (JSON) `child_convnets` runs.
+const CHILD_ARGS: &str = "CONVNETS_TEST_CHILD_ARGS";
+
+/// Not a test on its own: in a child process started by [`convnets_process`], runs
+/// `convnets` with the arguments in `CHILD_ARGS` and exits with its exit code.
+#[test]
+fn child_convnets() {
+    let Ok(json) = std::env::var(CHILD_ARGS) else {
+        return;
+    };
+    let args: Vec<String> = serde_json::from_str(&json).expect("arguments as a JSON list");
+    let code = convnets_tools::main_with(std::iter::once("convnets".to_string()).chain(args));
+    let status = (0..=u8::MAX)
+        .find(|&n| code == ExitCode::from(n))
+        .unwrap_or(u8::MAX);
+    std::process::exit(i32::from(status));
+}
+
+/// Runs `convnets args...` in a process of its own (this test binary, re-entered at
+/// `child_convnets`), so that an abort or a panic shows as it would to a user; Rust
+/// backtraces are on, so a panic would be plain in its stderr.
+fn convnets_process(args: &[&str]) -> Result<std::process::Output> {
+    Ok(std::process::Command::new(std::env::current_exe()?)
+        .args([
+            "child_convnets",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ARGS, serde_json::to_string(args)?)
+        .env("RUST_BACKTRACE", "1")
+        .output()?)
+}
+
+#[test]
+fn sizes_that_cannot_be_allocated_are_clear_errors() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    // A checkpoint for predict: resnet18 with 2 classes, weights as initialised.
+    let checkpoint = tmp.path().join("checkpoint");
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let arch = convnets_models::Arch::ResNet18;
+    arch.build(&vs.root(), 2, &convnets_models::ModelConfig::default())?;
+    convnets_tools::checkpoint::save(
+        &checkpoint,
+        &vs,
+        &convnets_tools::checkpoint::CheckpointMeta::new(arch, 2),
+    )?;
+    let image = tmp.path().join("image.jpg");
+    std::fs::write(&image, baseline_jpeg(64, 48, 1))?;
+    let run = tmp.path().join("run");
+    let (c, i, r) = (
+        checkpoint.to_str().unwrap(),
+        image.to_str().unwrap(),
+        run.to_str().unwrap(),
+    );
+    let train = [
+        "train",
+        "--loader",
+        "synthetic",
+        "--device",
+        "cpu",
+        "--arch",
+    ];
+    let cases: &[(&[&str], &[&str])] = &[
+        (
+            &[
+                &train[..],
+                &["resnet18", "--batch-size", "100000000", "-o", r],
+            ]
+            .concat(),
+            &["--batch-size 100000000", "TiB", "this machine"],
+        ),
+        (
+            &[&train[..], &["resnet18", "--image-size", "100000", "-o", r]].concat(),
+            &["--batch-size 256", "--image-size 100000", "TiB"],
+        ),
+        (
+            &[
+                "predict",
+                "--checkpoint",
+                c,
+                "--device",
+                "cpu",
+                "--image-size",
+                "100000",
+                i,
+            ],
+            &[
+                "--batch-size 1",
+                "--image-size 100000",
+                "GiB",
+                "this machine",
+            ],
+        ),
+    ];
+    for (args, needles) in cases {
+        let out = convnets_process(args)?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let code = out.status.code();
+        assert!(
+            matches!(code, Some(1 | 2)),
+            "{args:?}: exit {:?} ({}), stderr:\n{stderr}",
+            code,
+            out.status
+        );
+        for needle in *needles {
+            assert!(
+                stderr.contains(needle),
+                "{args:?}: no {needle:?} in:\n{stderr}"
+            );
+        }
+        for bad in ["panicked", "backtrace", "frame #"] {
+            assert!(!stderr.contains(bad), "{args:?}: {bad:?} in:\n{stderr}");
+        }
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("IMAGE"),
+            "{args:?} printed results"
+        );
+        assert!(!run.exists(), "{args:?} wrote a run folder");
+    }
+    Ok(())
+}

@@ -479,3 +479,93 @@ fn a_run_folder_in_use_is_refused_and_one_without_checkpoints_restarts() -> Resu
     assert!(!run.join("checkpoints/step-00000003.tmp").exists());
     Ok(())
 }
+
+#[test]
+fn the_best_checkpoint_never_goes_stale() -> Result<()> {
+    use convnets_tools::checkpoint;
+    let tmp = tempfile::tempdir()?;
+    let packed = dataset(tmp.path(), 3, 12, 3)?;
+    let run = tmp.path().join("run");
+    let (p, r) = (packed.to_str().unwrap(), run.to_str().unwrap());
+    convnets(&train_args(
+        p,
+        r,
+        &[
+            "--epochs",
+            "3",
+            "--keep-last",
+            "1",
+            "--warmup-epochs",
+            "0.5",
+        ],
+    ))?;
+    let summary = |run: &Path| -> Result<serde_json::Value> {
+        Ok(serde_json::from_slice(&std::fs::read(
+            run.join("summary.json"),
+        )?)?)
+    };
+    let first = summary(&run)?;
+    let best_top1 = first["best_top1"].as_f64().context("best_top1")?;
+    let best_dir = std::path::PathBuf::from(
+        first["best_checkpoint"]
+            .as_str()
+            .context("best_checkpoint")?,
+    );
+    let root = run.join("checkpoints");
+    let names = || -> Result<Vec<String>> {
+        let mut names: Vec<String> = std::fs::read_dir(&root)?
+            .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+            .collect::<Result<_>>()?;
+        names.sort();
+        Ok(names)
+    };
+    let finished = names()?;
+
+    // What a process killed while writing its last checkpoint could leave (with a full
+    // disk too): `best` still naming another checkpoint than the latest state's best, a
+    // partial temporary folder, and a checkpoint beyond --keep-last.
+    let latest = checkpoint::latest_step(&root)?.context("a checkpoint")?;
+    let extra = root.join("step-00000001");
+    std::fs::create_dir(&extra)?;
+    for entry in std::fs::read_dir(&latest)? {
+        let entry = entry?;
+        std::fs::copy(entry.path(), extra.join(entry.file_name()))?;
+    }
+    std::fs::remove_file(root.join("best"))?;
+    std::os::unix::fs::symlink("step-00000001", root.join("best"))?;
+    let partial = root.join("step-00000099.tmp");
+    std::fs::create_dir(&partial)?;
+    std::fs::write(partial.join("model.safetensors"), b"half a file")?;
+    std::os::unix::fs::symlink("step-00000099", root.join("best.tmp"))?;
+
+    // --resume of the finished run puts the folder back as a finished write leaves it.
+    convnets(&["train", "--resume", "-o", r])?;
+    assert_eq!(names()?, finished);
+    let second = summary(&run)?;
+    assert_eq!(second["best_top1"], first["best_top1"]);
+    let resolved = checkpoint::resolve(&run)?;
+    assert_eq!(resolved, best_dir);
+
+    // eval --checkpoint RUN evaluates the weights of the summary's best top-1.
+    let loaded = checkpoint::load(
+        &resolved,
+        tch::Device::Cpu,
+        &convnets_models::ModelConfig::default(),
+    )?;
+    let val = convnets_tools::source::open_split(&packed, "val", 1)?;
+    let mut cfg = convnets_tools::loader_config::loader_config(
+        convnets_tools::loader_config::Crops::Eval,
+        16,
+        32,
+        convnets_pipeline::cpu::augment::OutputDtype::F32,
+        convnets_pipeline::cpu::augment::Layout::Nchw,
+    );
+    cfg.threads = 2;
+    let e = convnets_tools::train::evaluate(&loaded.model, val, cfg, tch::Device::Cpu, false)?;
+    assert!(
+        (e.top1 - best_top1).abs() < 1e-9,
+        "best holds top-1 {} but the summary says {best_top1}",
+        e.top1
+    );
+    Ok(())
+}

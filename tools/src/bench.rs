@@ -5,13 +5,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
-use convnets_pipeline::cpu::augment::{Layout, OutputDtype, OutputSpec};
-use convnets_pipeline::loader::{Backend, Loader, LoaderConfig, LoaderState, Transform};
-use convnets_pipeline::plan::{CenterCrop, RandomResizedCrop};
-use convnets_pipeline::sampler::{LastBatch, SamplerConfig};
+use convnets_pipeline::cpu::augment::{Layout, OutputDtype};
+use convnets_pipeline::loader::{Backend, Loader, LoaderConfig, LoaderState};
+use convnets_pipeline::sampler::LastBatch;
 use serde_json::json;
 
 use crate::gpu_loader_args::GpuLoaderArgs;
+use crate::loader_config::{loader_config, Crops};
 use crate::page_cache;
 use crate::source::open_split;
 use crate::train::OnBadRecord;
@@ -124,45 +124,8 @@ fn loader(a: LoaderBenchArgs) -> anyhow::Result<()> {
     let records = split.len();
     // What opening read back in (index pages; a TFRecord folder is read through to index it).
     let drop_cache = evicted.map(|(files, e)| (page_cache::resident_bytes(&files), e));
-    let cfg = LoaderConfig {
-        backend: if gpu {
-            Backend::Gpu(a.gpu.options(0))
-        } else {
-            Backend::Cpu
-        },
-        sampler: SamplerConfig {
-            seed: 0,
-            shuffle: !a.eval,
-            batch_size: a.batch_size,
-            rank: 0,
-            world_size: 1,
-            last_batch: LastBatch::Drop,
-        },
-        transform: if a.eval {
-            Transform::Eval(CenterCrop::for_crop(a.image_size))
-        } else {
-            Transform::Train(RandomResizedCrop::default())
-        },
-        output: OutputSpec {
-            width: a.image_size,
-            height: a.image_size,
-            dtype: match a.dtype {
-                DtypeArg::U8 => OutputDtype::U8,
-                DtypeArg::F16 => OutputDtype::F16,
-                DtypeArg::Bf16 => OutputDtype::Bf16,
-                DtypeArg::F32 => OutputDtype::F32,
-            },
-            layout: match a.layout {
-                LayoutArg::Nchw => Layout::Nchw,
-                LayoutArg::Nhwc => Layout::Nhwc,
-            },
-            normalize: (a.dtype != DtypeArg::U8).then(Default::default),
-        },
-        threads: a.threads,
-        prefetch: a.prefetch,
-        on_bad_record: a.on_bad_record.into(),
-        ..LoaderConfig::default()
-    };
+    let cfg = loader_bench_config(&a);
+    crate::memory::check_loader(&cfg, tch::Device::Cuda(0))?;
     let mut loader = Loader::new(split, cfg, LoaderState::default())
         .with_context(|| format!("starting the loader on {}", a.data.display()))?;
     let limit = match (a.epochs, a.seconds) {
@@ -309,6 +272,31 @@ fn loader(a: LoaderBenchArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The loader `bench loader` measures: full batches only, also for the eval transform.
+fn loader_bench_config(a: &LoaderBenchArgs) -> LoaderConfig {
+    let crops = if a.eval { Crops::Eval } else { Crops::Train };
+    let dtype = match a.dtype {
+        DtypeArg::U8 => OutputDtype::U8,
+        DtypeArg::F16 => OutputDtype::F16,
+        DtypeArg::Bf16 => OutputDtype::Bf16,
+        DtypeArg::F32 => OutputDtype::F32,
+    };
+    let layout = match a.layout {
+        LayoutArg::Nchw => Layout::Nchw,
+        LayoutArg::Nhwc => Layout::Nhwc,
+    };
+    let mut cfg = loader_config(crops, a.batch_size, a.image_size, dtype, layout);
+    cfg.backend = match a.loader {
+        LoaderKind::Gpu => Backend::Gpu(a.gpu.options(0)),
+        LoaderKind::Cpu => Backend::Cpu,
+    };
+    cfg.sampler.last_batch = LastBatch::Drop;
+    cfg.threads = a.threads;
+    cfg.prefetch = a.prefetch;
+    cfg.on_bad_record = a.on_bad_record.into();
+    cfg
 }
 
 enum Limit {

@@ -8,10 +8,8 @@ use anyhow::bail;
 use clap::Args;
 use convnets_models::resnet::ResNet;
 use convnets_models::{Arch, MemoryFormat, ModelConfig};
-use convnets_pipeline::cpu::augment::{Layout, OutputDtype, OutputSpec};
-use convnets_pipeline::loader::{Backend, Loader, LoaderConfig, LoaderState, Transform};
-use convnets_pipeline::plan::RandomResizedCrop;
-use convnets_pipeline::sampler::SamplerConfig;
+use convnets_pipeline::cpu::augment::{Layout, OutputDtype};
+use convnets_pipeline::loader::{Backend, Loader, LoaderState};
 use serde_json::json;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -19,10 +17,23 @@ use tch::{Device, Kind, Tensor};
 use crate::bench::{machine, LoaderKind};
 use crate::device_arg::{device_of, DeviceArg};
 use crate::gpu_loader_args::GpuLoaderArgs;
+use crate::loader_config::{loader_config, Crops};
+use crate::memory::ImageBatches;
 use crate::source::open_split;
 use crate::train::scaler::LossScaler;
 use crate::train::sgd::Sgd;
 use crate::train::step::{synthetic_batch, HostBatchRelease, StepInput, StepOptions, TrainStep};
+
+/// One batch of `batch` images of `size` x `size` (fp16 with `amp`), for the memory check.
+fn image_batch(batch: usize, size: i64, amp: bool) -> anyhow::Result<ImageBatches> {
+    Ok(ImageBatches {
+        batch,
+        size: u32::try_from(size)
+            .map_err(|_| anyhow::anyhow!("--image-size {size} is out of range"))?,
+        value_bytes: if amp { 2 } else { 4 },
+        batches: 1,
+    })
+}
 
 fn print(doc: &serde_json::Value, json_out: bool, table: impl FnOnce()) -> anyhow::Result<()> {
     if json_out {
@@ -122,6 +133,8 @@ pub fn train(a: TrainBenchArgs) -> anyhow::Result<()> {
     if a.batch_size < 1 || a.image_size < 1 {
         bail!("--batch-size and --image-size must be at least 1");
     }
+    image_batch(a.batch_size as usize, a.image_size, a.amp)?
+        .check(device, "one batch of images on the model's device")?;
     let mut trainee = Trainee::new(a.arch, 1000, device, a.amp, a.cuda_graphs)?;
     let (images, labels) = synthetic_batch(a.batch_size, a.image_size, 1000, device, a.amp)?;
     for _ in 0..a.warmup_steps {
@@ -212,36 +225,31 @@ pub fn e2e_measure(
         convnets_pipeline::device::gpus()?;
         bail!("--loader gpu needs a GPU (--device cuda or auto)");
     }
-    let cfg = LoaderConfig {
-        backend: if gpu {
-            Backend::Gpu(a.gpu.options(0))
+    let mut cfg = loader_config(
+        Crops::Train,
+        a.batch_size,
+        a.image_size,
+        if a.amp {
+            OutputDtype::F16
         } else {
-            Backend::Cpu
+            OutputDtype::F32
         },
-        sampler: SamplerConfig {
-            batch_size: a.batch_size,
-            ..Default::default()
+        if device.is_cuda() {
+            Layout::Nhwc
+        } else {
+            Layout::Nchw
         },
-        transform: Transform::Train(RandomResizedCrop::default()),
-        output: OutputSpec {
-            width: a.image_size,
-            height: a.image_size,
-            dtype: if a.amp {
-                OutputDtype::F16
-            } else {
-                OutputDtype::F32
-            },
-            layout: if device.is_cuda() {
-                Layout::Nhwc
-            } else {
-                Layout::Nchw
-            },
-            normalize: Some(Default::default()),
-        },
-        threads: a.threads,
-        pin_memory: (device.is_cuda() && !gpu).then_some(device),
-        ..LoaderConfig::default()
+    );
+    cfg.backend = if gpu {
+        Backend::Gpu(a.gpu.options(0))
+    } else {
+        Backend::Cpu
     };
+    cfg.threads = a.threads;
+    cfg.pin_memory = (device.is_cuda() && !gpu).then_some(device);
+    crate::memory::check_loader(&cfg, device)?;
+    image_batch(a.batch_size, i64::from(a.image_size), a.amp)?
+        .check(device, "one batch of images on the model's device")?;
     let total = a.warmup_steps + a.steps;
 
     // 1. The loader alone; the batches it prefetched before the clock started are not
@@ -465,9 +473,11 @@ pub fn infer(a: InferBenchArgs) -> anyhow::Result<()> {
     let kind = if a.amp { Kind::Half } else { Kind::Float };
     let mut rows = Vec::new();
     for &b in &a.batch_sizes {
-        if b < 1 {
-            bail!("--batch-sizes must be at least 1");
+        if b < 1 || a.image_size < 1 {
+            bail!("--batch-sizes and --image-size must be at least 1");
         }
+        image_batch(b as usize, a.image_size, a.amp)?
+            .check(device, "one batch of images on the model's device")?;
         let x = Tensor::f_randn([b, 3, a.image_size, a.image_size], (kind, device))?;
         let x = if device.is_cuda() {
             convnets_models::layout::to_channels_last(&x)?

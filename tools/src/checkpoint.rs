@@ -19,6 +19,9 @@ pub const META_NAME: &str = "checkpoint.json";
 pub const MODEL_NAME: &str = "model.safetensors";
 /// The moving average of the weights, when a run keeps one (names as in the model).
 pub const EMA_NAME: &str = "ema.safetensors";
+/// In a run's `checkpoints/`: a relative symlink to the best `step-N` (a copy of it in runs
+/// made before the pointer).
+pub const BEST_NAME: &str = "best";
 const FORMAT: &str = "convnets-checkpoint";
 const VERSION: u32 = 1;
 
@@ -152,8 +155,13 @@ pub fn resolve(path: &Path) -> anyhow::Result<PathBuf> {
             path.display()
         );
     }
-    if root.join("best").join(META_NAME).is_file() {
-        return Ok(root.join("best"));
+    let best = root.join(BEST_NAME);
+    if best.join(META_NAME).is_file() {
+        // The step the pointer names, so messages say which checkpoint was used.
+        return Ok(match std::fs::read_link(&best) {
+            Ok(target) => root.join(target),
+            Err(_) => best,
+        });
     }
     match latest_step(&root)? {
         Some(dir) => Ok(dir),
@@ -187,6 +195,30 @@ pub fn step_dirs(root: &Path) -> anyhow::Result<Vec<(u64, PathBuf)>> {
         .collect();
     steps.sort();
     Ok(steps)
+}
+
+/// The folder name of the checkpoint at `step`.
+pub fn step_name(step: u64) -> String {
+    format!("step-{step:08}")
+}
+
+/// The step `root/best` points at, if it is a pointer to a `step-N` (not for a missing
+/// `best` or a copy made by older runs).
+pub fn best_step(root: &Path) -> anyhow::Result<Option<u64>> {
+    let best = root.join(BEST_NAME);
+    match std::fs::read_link(&best) {
+        Ok(target) => Ok(target
+            .to_str()
+            .and_then(|t| t.strip_prefix("step-"))
+            .and_then(|n| n.parse().ok())),
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound
+                || e.kind() == std::io::ErrorKind::InvalidInput =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", best.display())),
+    }
 }
 
 /// The newest finished `step-N` folder (one holding `checkpoint.json`), if any.

@@ -14,6 +14,8 @@ pub mod device_arg;
 mod devices;
 pub mod dist;
 pub mod gpu_loader_args;
+pub mod loader_config;
+pub mod memory;
 mod pack;
 mod page_cache;
 mod plot;
@@ -77,6 +79,12 @@ pub fn say(line: &str) {
     let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
 }
 
+/// An error as the user reads it: the message with its causes, without the C++ stack trace
+/// libtorch appends to its own (what `main` prints, and what a failed rank tells the others).
+pub fn error_text(e: &anyhow::Error) -> String {
+    memory::without_backtrace(&format!("{e:#}"))
+}
+
 /// The arguments of the running command (without the program name): what the launcher
 /// gives each rank it starts.
 static INVOCATION: std::sync::Mutex<Vec<OsString>> = std::sync::Mutex::new(Vec::new());
@@ -134,7 +142,7 @@ where
                 ExitCode::from(clap_err.exit_code() as u8)
             }
             None => {
-                say(&format!("error: {e:#}"));
+                say(&format!("error: {}", error_text(&e)));
                 ExitCode::FAILURE
             }
         },

@@ -1,6 +1,6 @@
 //! `convnets plot`: training curves of a run folder as one PNG.
 //!
-//! Reads `RUN_DIR/log.jsonl`, one JSON object per line (DLLogger style):
+//! Reads `RUN_DIR/log.jsonl` through the trainer's record types (`train::log`):
 //! `{"type":"train","epoch":E,"step":S,"loss":L,"lr":X,"img_s":Y,...}` and
 //! `{"type":"eval","epoch":E,"step":S,"loss":L,"top1":A,"top5":B}`; other types and
 //! unknown keys are ignored. Draws three panels: loss vs step (train, and eval where it has
@@ -16,7 +16,8 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use plotters::style::{register_font, FontStyle};
-use serde_json::{Map, Value};
+
+use crate::train::log::LogRecord;
 
 #[derive(Debug, Args)]
 pub struct PlotArgs {
@@ -75,34 +76,26 @@ pub struct RunLog {
     pub eval: Vec<EvalPoint>,
 }
 
-/// Parses log.jsonl text. Blank lines, other record types and unknown keys are skipped; a
-/// line that is not a JSON object, or a train/eval record whose fields have the wrong type
-/// (or lacks its `step`/`epoch`), is an error naming the line (1-based).
+/// Parses log.jsonl text (through the trainer's own record types). Blank lines, other
+/// record types and unknown keys are skipped; a line that is not a JSON object, or a
+/// train/eval record whose fields have the wrong type (or lacks its `step`/`epoch`), is an
+/// error naming the line (1-based).
 pub fn parse_log(text: &str) -> anyhow::Result<RunLog> {
     let mut log = RunLog::default();
     for (i, line) in text.lines().enumerate() {
-        let n = i + 1;
-        let line = line.trim();
-        if line.is_empty() {
-            continue;
-        }
-        let value: Value =
-            serde_json::from_str(line).with_context(|| format!("line {n}: not valid JSON"))?;
-        let Value::Object(obj) = value else {
-            bail!("line {n}: not a JSON object");
-        };
-        match obj.get("type").and_then(Value::as_str) {
-            Some("train") => log.train.push(TrainPoint {
-                step: required(&obj, "step", n)?,
-                loss: number(&obj, "loss", n)?,
-                img_s: number(&obj, "img_s", n)?,
+        let record = LogRecord::parse(line).with_context(|| format!("line {}", i + 1))?;
+        match record {
+            Some(LogRecord::Train(r)) => log.train.push(TrainPoint {
+                step: r.step as f64,
+                loss: finite(r.loss),
+                img_s: finite(r.img_s),
             }),
-            Some("eval") => log.eval.push(EvalPoint {
-                epoch: required(&obj, "epoch", n)?,
-                step: number(&obj, "step", n)?,
-                loss: number(&obj, "loss", n)?,
-                top1: number(&obj, "top1", n)?,
-                top5: number(&obj, "top5", n)?,
+            Some(LogRecord::Eval(r)) => log.eval.push(EvalPoint {
+                epoch: r.epoch as f64,
+                step: r.step.map(|s| s as f64),
+                loss: finite(r.loss),
+                top1: finite(r.top1),
+                top5: finite(r.top5),
             }),
             _ => {}
         }
@@ -110,17 +103,8 @@ pub fn parse_log(text: &str) -> anyhow::Result<RunLog> {
     Ok(log)
 }
 
-/// A numeric field; missing or null (how NaN is written) is `None`.
-fn number(obj: &Map<String, Value>, key: &str, line: usize) -> anyhow::Result<Option<f64>> {
-    match obj.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(x)) => Ok(x.as_f64().filter(|x| x.is_finite())),
-        Some(other) => bail!("line {line}: {key:?} is not a number: {other}"),
-    }
-}
-
-fn required(obj: &Map<String, Value>, key: &str, line: usize) -> anyhow::Result<f64> {
-    number(obj, key, line)?.with_context(|| format!("line {line}: record has no numeric {key:?}"))
+fn finite(x: Option<f64>) -> Option<f64> {
+    x.filter(|x| x.is_finite())
 }
 
 // ---------------------------------------------------------------------------------------

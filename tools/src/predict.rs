@@ -111,6 +111,7 @@ pub fn run(a: PredictArgs) -> anyhow::Result<()> {
     if files.is_empty() {
         bail!("no JPEG files (*.jpg, *.jpeg) in {}", list(&a.inputs));
     }
+    check_memory(a.batch_size.min(files.len()), image_size, device)?;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(a.threads)
         .build()?;
@@ -144,7 +145,15 @@ pub fn run(a: PredictArgs) -> anyhow::Result<()> {
                 .collect()
         });
         let mut good = Vec::with_capacity(chunk.len());
-        let mut pixels = Vec::with_capacity(chunk.len() * spec.sample_bytes());
+        let mut pixels = Vec::new();
+        let bytes = chunk.len() * spec.sample_bytes();
+        pixels.try_reserve_exact(bytes).map_err(|e| {
+            anyhow::anyhow!(
+                "out of memory on this machine with --batch-size {} at --image-size {image_size}: \
+                 allocating {bytes} bytes for a batch of images: {e}",
+                a.batch_size
+            )
+        })?;
         for (path, sample) in chunk.iter().zip(samples) {
             match sample {
                 Ok(bytes) => {
@@ -161,7 +170,9 @@ pub fn run(a: PredictArgs) -> anyhow::Result<()> {
             }
         }
         if !good.is_empty() {
-            let top = top_k(&loaded, &pixels, good.len(), image_size, k, device)?;
+            let top = top_k(&loaded, &pixels, good.len(), image_size, k, device).map_err(|e| {
+                crate::memory::name_allocation_failure(e, a.batch_size, image_size, device)
+            })?;
             let batch: Vec<Prediction> = good
                 .iter()
                 .zip(top)
@@ -205,6 +216,22 @@ pub fn run(a: PredictArgs) -> anyhow::Result<()> {
         );
     }
     eprintln!("{} images predicted", predictions.len());
+    Ok(())
+}
+
+/// Refuses, before any image is read, a batch whose images cannot fit: in host memory the
+/// batch's pixels and the tensor made of them, and one more copy on a GPU.
+fn check_memory(batch: usize, image_size: u32, device: Device) -> anyhow::Result<()> {
+    let images = |batches| crate::memory::ImageBatches {
+        batch,
+        size: image_size,
+        value_bytes: 4,
+        batches,
+    };
+    images(2).check(Device::Cpu, "a batch's pixels and its tensor")?;
+    if device.is_cuda() {
+        images(1).check(device, "one batch of images on the model's device")?;
+    }
     Ok(())
 }
 
@@ -288,7 +315,10 @@ impl Worker {
             .decode_full(&bytes, &mut self.image)
             .map_err(|e| e.to_string())?;
         let window = crop.plan(self.image.width, self.image.height);
-        let mut out = vec![0u8; spec.sample_bytes()];
+        let mut out = Vec::new();
+        out.try_reserve_exact(spec.sample_bytes())
+            .map_err(|e| format!("allocating {} bytes: {e}", spec.sample_bytes()))?;
+        out.resize(spec.sample_bytes(), 0);
         self.augmenter
             .crop_resize_into(
                 &self.image.data,
@@ -325,12 +355,13 @@ fn top_k(
     let _guard = tch::no_grad_guard();
     let s = i64::from(size);
     let images =
-        Tensor::f_from_data_size(pixels, &[n as i64, 3, s, s], Kind::Float)?.to_device(device);
-    let logits = loaded.model.f_forward_t(&images, false)?;
+        Tensor::f_from_data_size(pixels, &[n as i64, 3, s, s], Kind::Float)?.f_to_device(device)?;
+    // The model as `eval` runs it.
+    let logits = crate::train::eval_logits(&loaded.model, &images, false)?;
     let probs = logits.f_softmax(-1, Kind::Float)?;
     let (p, idx) = probs.f_topk(k, 1, true, true)?;
-    let p: Vec<Vec<f64>> = Vec::try_from(&p.to_device(Device::Cpu))?;
-    let idx: Vec<Vec<i64>> = Vec::try_from(&idx.to_device(Device::Cpu))?;
+    let p: Vec<Vec<f64>> = Vec::try_from(&p.f_to_device(Device::Cpu)?)?;
+    let idx: Vec<Vec<i64>> = Vec::try_from(&idx.f_to_device(Device::Cpu)?)?;
     Ok(idx
         .into_iter()
         .zip(p)

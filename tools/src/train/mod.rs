@@ -6,6 +6,7 @@
 
 pub mod distributed;
 pub mod finetune;
+pub mod log;
 pub mod recipes;
 mod run_dir;
 pub mod scaler;
@@ -22,21 +23,22 @@ use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use convnets_formats::RecordSource;
 use convnets_models::{Arch, MemoryFormat, ModelConfig};
-use convnets_pipeline::cpu::augment::{Layout, OutputDtype, OutputSpec};
+use convnets_pipeline::cpu::augment::{Layout, OutputDtype};
 use convnets_pipeline::loader::{
-    Backend, BadRecordPolicy, Batch, Loader, LoaderConfig, LoaderState, Transform,
+    Backend, BadRecordPolicy, Batch, Loader, LoaderConfig, LoaderState,
 };
-use convnets_pipeline::plan::{CenterCrop, RandomResizedCrop};
-use convnets_pipeline::sampler::{LastBatch, SamplerConfig};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use log::LogRecord;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tch::nn::{ModuleT, VarStore};
+use tch::nn::VarStore;
 use tch::{Device, Kind, Reduction, Tensor};
 
 use crate::checkpoint::{self, CheckpointMeta};
 use crate::device_arg::{device_of, DeviceArg};
 use crate::gpu_loader_args::GpuLoaderArgs;
+use crate::loader_config::Crops;
+use crate::memory;
 use crate::source::open_split;
 use run_dir::RunDir;
 use scaler::LossScaler;
@@ -266,6 +268,9 @@ pub struct TrainState {
     pub loader: LoaderState,
     pub scaler: LossScaler,
     pub best_top1: Option<f64>,
+    /// The step of the checkpoint with `best_top1`, which `checkpoints/best` points at.
+    #[serde(default)]
+    pub best_step: Option<u64>,
     /// Ranks of the run that saved this (the loader position counts batches per rank).
     #[serde(default = "one_usize")]
     pub world_size: usize,
@@ -334,7 +339,9 @@ pub fn train(cmd: TrainCommand) -> anyhow::Result<()> {
     let result = train_rank(cmd, dist.clone());
     if let Some(d) = dist {
         match &result {
-            Err(e) => d.report_failure(&format!("{e:#}")),
+            // What the other ranks print as this rank's reason (an allocation failure
+            // names the batch size and device; no C++ stack trace).
+            Err(e) => d.report_failure(&crate::error_text(e)),
             Ok(()) => {
                 if let Ok(d) = Arc::try_unwrap(d) {
                     d.finish();
@@ -393,6 +400,10 @@ fn train_rank(
     let (args, resume, _lock) = if cmd.resume {
         let mut args = run.load_args()?;
         let held = lock()?;
+        if main {
+            // What a write cut short left (a process killed, a full disk).
+            run.tidy(args.keep_last)?;
+        }
         // A resumed run keeps its recipe; only the stopping point is taken from this call.
         args.max_steps = cmd.args.max_steps;
         match run.latest()? {
@@ -422,7 +433,23 @@ fn train_rank(
         }
         (cmd.args, None, held)
     };
-    Trainer::new(args, run, resume, dist)?.run()
+    let (batch, size) = (args.batch_size, args.image_size);
+    let device = rank_device(&args, dist.as_deref())?;
+    Trainer::new(args, run, resume, dist)
+        .and_then(Trainer::run)
+        .map_err(|e| memory::name_allocation_failure(e, batch, size, device))
+}
+
+/// The device this rank's model runs on: its GPU in a group of GPU processes, else
+/// `--device`'s.
+fn rank_device(
+    args: &TrainArgs,
+    dist: Option<&distributed::Distributed>,
+) -> anyhow::Result<Device> {
+    Ok(match dist.and_then(|d| d.device) {
+        Some(i) => Device::Cuda(i),
+        None => device_of(args.device)?,
+    })
 }
 
 /// Refusals that must come before anything is written to the run folder.
@@ -436,6 +463,16 @@ fn check_args(args: &TrainArgs) -> anyhow::Result<()> {
     }
     check_hyperparameters(args)?;
     convnets_pipeline::loader::check_threads(args.threads)?;
+    if args.image_size == 0 {
+        bail!("--image-size must be at least 1");
+    }
+    // `auto` on a GPU is the GPU loader unless it is unavailable; Trainer::new checks again
+    // once the choice is made.
+    let loader = match (args.loader, device.is_cuda()) {
+        (LoaderKind::Auto, true) => LoaderKind::Gpu,
+        (kind, _) => resolve_loader(kind, device).0,
+    };
+    check_memory(args, device, loader)?;
     if !(args.backbone_lr_scale.is_finite() && args.backbone_lr_scale >= 0.0) {
         bail!(
             "--backbone-lr-scale must be a finite number >= 0, got {}",
@@ -460,6 +497,96 @@ fn check_args(args: &TrainArgs) -> anyhow::Result<()> {
         }
         _ => Ok(()),
     }
+}
+
+/// Refuses batches whose images alone cannot fit where they are kept: the loader's batches
+/// (host memory for the CPU loader) and the batch on the model's device.
+fn check_memory(args: &TrainArgs, device: Device, loader: LoaderKind) -> anyhow::Result<()> {
+    if args.data.is_some() && matches!(loader, LoaderKind::Cpu | LoaderKind::Gpu) {
+        let cfg = loader_config(args, device, loader, &Placement::default(), false);
+        memory::check_loader(&cfg, device)?;
+    }
+    memory::ImageBatches {
+        batch: args.batch_size,
+        size: args.image_size,
+        value_bytes: if args.amp { 2 } else { 4 },
+        batches: 1,
+    }
+    .check(device, "one batch of images on the model's device")
+}
+
+/// Where a rank sits in its group (one process: rank 0 of 1, GPU 0).
+#[derive(Debug, Clone, Copy)]
+struct Placement {
+    rank: usize,
+    world_size: usize,
+    /// Ranks on this machine, which share its cores.
+    local_processes: usize,
+    /// This rank's CUDA device index.
+    gpu: usize,
+}
+
+impl Default for Placement {
+    fn default() -> Self {
+        Self::of(None)
+    }
+}
+
+impl Placement {
+    fn of(dist: Option<&distributed::Distributed>) -> Self {
+        Self {
+            rank: dist.map_or(0, |d| d.rank),
+            world_size: dist.map_or(1, |d| d.world_size),
+            local_processes: dist.and_then(|d| d.local_world_size).unwrap_or(1),
+            gpu: dist.and_then(|d| d.device).unwrap_or(0),
+        }
+    }
+}
+
+/// The training (or, with `eval`, the evaluation) loader of one rank.
+fn loader_config(
+    args: &TrainArgs,
+    device: Device,
+    loader: LoaderKind,
+    place: &Placement,
+    eval: bool,
+) -> LoaderConfig {
+    let cuda = device.is_cuda();
+    let gpu = loader == LoaderKind::Gpu;
+    let mut options = args.gpu.options(place.gpu);
+    if options.hardware_share.is_none() && !eval {
+        let threads = if args.threads > 0 {
+            args.threads
+        } else {
+            convnets_pipeline::loader::core_share(place.local_processes)
+        };
+        options.hardware_share = Some(training_hardware_share(threads, args.arch));
+    }
+    let crops = if eval { Crops::Eval } else { Crops::Train };
+    // fp16 NHWC is what a channels_last fp16 model wants; fp32 NCHW on CPU.
+    let dtype = if args.amp {
+        OutputDtype::F16
+    } else {
+        OutputDtype::F32
+    };
+    let layout = if cuda { Layout::Nhwc } else { Layout::Nchw };
+    let mut cfg =
+        crate::loader_config::loader_config(crops, args.batch_size, args.image_size, dtype, layout);
+    cfg.backend = if gpu {
+        Backend::Gpu(options)
+    } else {
+        Backend::Cpu
+    };
+    cfg.sampler.seed = args.seed;
+    cfg.sampler.rank = place.rank;
+    cfg.sampler.world_size = place.world_size;
+    cfg.threads = args.threads;
+    // Local ranks split the machine's cores between their loaders.
+    cfg.local_processes = place.local_processes;
+    cfg.prefetch = 3;
+    cfg.on_bad_record = args.on_bad_record.into();
+    cfg.pin_memory = (cuda && !gpu).then_some(device);
+    cfg
 }
 
 /// The float flags as torch.optim.SGD and F.cross_entropy would take them: finite, and in
@@ -669,6 +796,7 @@ impl Trainer {
             loader: LoaderState::default(),
             scaler: LossScaler::new(args.amp),
             best_top1: None,
+            best_step: None,
             world_size: world,
         };
         let (mut momentum, mut ema_state) = (None, None);
@@ -789,20 +917,23 @@ impl Trainer {
             if trainer.main() {
                 eprintln!("{why}");
             }
-            trainer.log(json!({"type": "loader", "step": trainer.state.step, "loader": trainer.args.loader, "reason": why}))?;
+            trainer.log(LogRecord::Loader(log::LoaderChoice {
+                step: trainer.state.step,
+                loader: trainer.args.loader,
+                reason: why,
+            }))?;
         }
         Ok(trainer)
     }
 
     /// Copies the weights, optimizer and loader state to host memory now and writes them
     /// in the background (the previous checkpoint's write finishes first).
-    fn save_checkpoint(&mut self, is_best: bool) -> anyhow::Result<()> {
+    fn save_checkpoint(&mut self) -> anyhow::Result<()> {
         let snapshot = self.run.snapshot(
             &self.vs,
             &self.step.sgd,
             &self.meta,
             &self.state,
-            is_best,
             self.args.keep_last,
         )?;
         self.checkpoints.submit(snapshot)
@@ -813,70 +944,8 @@ impl Trainer {
     }
 
     fn loader_config(&self, eval: bool) -> LoaderConfig {
-        let cuda = self.device.is_cuda();
-        let gpu = self.args.loader == LoaderKind::Gpu;
-        let device = self.dist.as_ref().and_then(|d| d.device).unwrap_or(0);
-        let local = self
-            .dist
-            .as_ref()
-            .and_then(|d| d.local_world_size)
-            .unwrap_or(1);
-        let mut options = self.args.gpu.options(device);
-        if options.hardware_share.is_none() && !eval {
-            let threads = if self.args.threads > 0 {
-                self.args.threads
-            } else {
-                convnets_pipeline::loader::core_share(local)
-            };
-            options.hardware_share = Some(training_hardware_share(threads, self.args.arch));
-        }
-        LoaderConfig {
-            backend: if gpu {
-                Backend::Gpu(options)
-            } else {
-                Backend::Cpu
-            },
-            sampler: SamplerConfig {
-                seed: self.args.seed,
-                shuffle: !eval,
-                batch_size: self.args.batch_size,
-                rank: self.dist.as_ref().map_or(0, |d| d.rank),
-                world_size: self.dist.as_ref().map_or(1, |d| d.world_size),
-                last_batch: if eval {
-                    LastBatch::Partial
-                } else {
-                    LastBatch::Drop
-                },
-            },
-            transform: if eval {
-                Transform::Eval(CenterCrop::for_crop(self.args.image_size))
-            } else {
-                Transform::Train(RandomResizedCrop::default())
-            },
-            output: OutputSpec {
-                width: self.args.image_size,
-                height: self.args.image_size,
-                // fp16 NHWC is what a channels_last fp16 model wants; fp32 NCHW on CPU.
-                dtype: if self.args.amp {
-                    OutputDtype::F16
-                } else {
-                    OutputDtype::F32
-                },
-                layout: if cuda { Layout::Nhwc } else { Layout::Nchw },
-                normalize: Some(Default::default()),
-            },
-            threads: self.args.threads,
-            // Local ranks split the machine's cores between their loaders.
-            local_processes: self
-                .dist
-                .as_ref()
-                .and_then(|d| d.local_world_size)
-                .unwrap_or(1),
-            prefetch: 3,
-            on_bad_record: self.args.on_bad_record.into(),
-            pin_memory: (cuda && !gpu).then_some(self.device),
-            ..LoaderConfig::default()
-        }
+        let place = Placement::of(self.dist.as_deref());
+        loader_config(&self.args, self.device, self.args.loader, &place, eval)
     }
 
     fn run(mut self) -> anyhow::Result<()> {
@@ -900,7 +969,6 @@ impl Trainer {
                 &self.step.sgd,
                 &self.meta,
                 &self.state,
-                false,
                 self.args.keep_last,
             )?);
         }
@@ -938,7 +1006,7 @@ impl Trainer {
                     );
                     self.state.scaler = self.step.scaler_state()?;
                     let saved = if self.main() {
-                        self.save_checkpoint(false)?;
+                        self.save_checkpoint()?;
                         self.checkpoints.wait()?
                     } else {
                         None
@@ -997,9 +1065,16 @@ impl Trainer {
                     bar.set_message(format!(
                         "epoch {epoch} loss {loss:.4} lr {lr:.4} {img_s:.0} img/s"
                     ));
-                    self.log(json!({"type": "train", "epoch": epoch, "step": self.state.step, "loss": loss,
-                        "lr": lr, "img_s": img_s, "loss_scale": r.loss_scale, "skipped_steps": r.skipped_steps,
-                        "skipped_records": skipped_records}))?;
+                    self.log(LogRecord::Train(log::StepWindow {
+                        epoch,
+                        step: self.state.step,
+                        loss: Some(loss),
+                        lr: Some(lr),
+                        img_s: Some(img_s),
+                        loss_scale: Some(r.loss_scale),
+                        skipped_steps: Some(r.skipped_steps),
+                        skipped_records: Some(skipped_records),
+                    }))?;
                     // Divergence guard: a few non-finite losses in a row (skipped steps) end the run.
                     if diverged {
                         self.checkpoints.wait()?;
@@ -1030,7 +1105,14 @@ impl Trainer {
                 None
             };
             if let Some(e) = &eval {
-                self.log(json!({"type": "eval", "epoch": epoch, "step": self.state.step, "loss": e.loss, "top1": e.top1, "top5": e.top5, "images": e.images}))?;
+                self.log(LogRecord::Eval(log::EvalRecord {
+                    epoch,
+                    step: Some(self.state.step),
+                    loss: Some(e.loss),
+                    top1: Some(e.top1),
+                    top5: Some(e.top5),
+                    images: Some(e.images),
+                }))?;
                 bar.println(format!(
                     "epoch {epoch}: val top-1 {:.2} %, top-5 {:.2} %, loss {:.4}",
                     e.top1 * 100.0,
@@ -1044,10 +1126,12 @@ impl Trainer {
                 .is_some_and(|e| self.state.best_top1.is_none_or(|b| e.top1 > b));
             if is_best {
                 self.state.best_top1 = eval.as_ref().map(|e| e.top1);
+                // This epoch's checkpoint (step-N of this step) becomes `best`.
+                self.state.best_step = Some(self.state.step);
             }
             self.state.scaler = self.step.scaler_state()?;
             if self.main() {
-                self.save_checkpoint(is_best)?;
+                self.save_checkpoint()?;
             }
             // The epoch's rate over its whole wall time (its boundary included: eval,
             // checkpoint snapshot, the loader's turn), and what the boundary itself took.
@@ -1056,8 +1140,14 @@ impl Trainer {
             let wall = now.duration_since(epoch_mark.0).as_secs_f64();
             let boundary_s = now.duration_since(steps_done).as_secs_f64();
             epoch_rates.push(images as f64 / wall);
-            self.log(json!({"type": "epoch", "epoch": epoch, "step": self.state.step, "images": images, "wall_s": wall,
-                "img_s": images as f64 / wall, "boundary_s": boundary_s}))?;
+            self.log(LogRecord::Epoch(log::EpochRecord {
+                epoch,
+                step: self.state.step,
+                images,
+                wall_s: wall,
+                img_s: images as f64 / wall,
+                boundary_s,
+            }))?;
             epoch_mark = (now, images_done);
         }
         bar.finish_and_clear();
@@ -1070,9 +1160,10 @@ impl Trainer {
             Some(d) => {
                 let _guard = tch::no_grad_guard();
                 let mine = self.step.sgd.shared_state().swap_remove(0);
-                let main = mine.copy();
+                let mut main = mine.f_empty_like()?;
+                main.f_copy_(&mine)?;
                 d.broadcast_from_main(&main)?;
-                let diff = (&mine - &main).abs().max().double_value(&[]);
+                let diff = mine.f_sub(&main)?.f_abs()?.f_max()?.f_double_value(&[])?;
                 Some(d.sum_values(&[diff])?[0])
             }
             None => None,
@@ -1110,6 +1201,7 @@ impl Trainer {
             "images": images_done, "wall_s": wall, "img_s": images_done as f64 / wall,
             "epoch_img_s": epoch_rates,
             "final_eval": last_eval, "best_top1": self.state.best_top1,
+            "best_checkpoint": self.state.best_step.map(|s| self.run.checkpoints().join(checkpoint::step_name(s))),
             "skipped_steps": self.state.scaler.skipped_steps,
             "skipped_records": skipped_total,
             "skipped": skipped_list,
@@ -1196,9 +1288,13 @@ impl Trainer {
             .sample(&mut rng);
         let mut order: Vec<i64> = (0..labels.size()[0]).collect();
         order.shuffle(&mut rng);
-        let perm = Tensor::from_slice(&order).to_device(self.device);
-        let mixed = &images * lambda + images.index_select(0, &perm) * (1.0 - lambda);
-        Ok((mixed, Some((lambda, labels.index_select(0, &perm)))))
+        let perm = Tensor::f_from_slice(&order)?.f_to_device(self.device)?;
+        let mixed = images.f_mul_scalar(lambda)?.f_add(
+            &images
+                .f_index_select(0, &perm)?
+                .f_mul_scalar(1.0 - lambda)?,
+        )?;
+        Ok((mixed, Some((lambda, labels.f_index_select(0, &perm)?))))
     }
 
     /// At a logging point: the mean loss over the ranks, whether any rank has diverged,
@@ -1243,9 +1339,11 @@ impl Trainer {
         })
     }
 
-    fn log(&mut self, line: serde_json::Value) -> anyhow::Result<()> {
+    fn log(&mut self, record: LogRecord) -> anyhow::Result<()> {
         if let Some(log) = &mut self.log {
-            writeln!(log, "{line}").context("writing log.jsonl")?;
+            let line = record.to_line()?;
+            writeln!(log, "{line}")
+                .with_context(|| format!("writing {}", self.run.log_path().display()))?;
         }
         Ok(())
     }
@@ -1284,21 +1382,21 @@ pub fn evaluate(
     let (mut loss_sum, mut top1, mut top5, mut n) = (0.0, 0i64, 0i64, 0i64);
     while let Some(batch) = loader.next_batch() {
         let batch = batch?;
-        let images =
-            batch
-                .images
-                .to_device(device)
-                .to_kind(if amp { Kind::Half } else { Kind::Float });
-        let labels = batch.labels.to_device(device);
-        let logits = tch::autocast(amp, || model.forward_t(&images, false)).to_kind(Kind::Float);
+        let kind = if amp { Kind::Half } else { Kind::Float };
+        let images = batch.images.f_to_device(device)?.f_to_kind(kind)?;
+        let labels = batch.labels.f_to_device(device)?;
+        let logits = eval_logits(model, &images, amp)?;
         loss_sum += logits
-            .cross_entropy_loss::<Tensor>(&labels, None, Reduction::Sum, -100, 0.0)
-            .double_value(&[]);
+            .f_cross_entropy_loss::<Tensor>(&labels, None, Reduction::Sum, -100, 0.0)?
+            .f_double_value(&[])?;
         let k = logits.size()[1].min(5);
-        let (_, top) = logits.topk(k, 1, true, true);
-        let hit = top.eq_tensor(&labels.unsqueeze(1));
-        top1 += hit.narrow(1, 0, 1).sum(Kind::Int64).int64_value(&[]);
-        top5 += hit.sum(Kind::Int64).int64_value(&[]);
+        let (_, top) = logits.f_topk(k, 1, true, true)?;
+        let hit = top.f_eq_tensor(&labels.f_unsqueeze(1)?)?;
+        top1 += hit
+            .f_narrow(1, 0, 1)?
+            .f_sum(Kind::Int64)?
+            .f_int64_value(&[])?;
+        top5 += hit.f_sum(Kind::Int64)?.f_int64_value(&[])?;
         n += labels.size()[0];
     }
     let n_f = n.max(1) as f64;
@@ -1308,6 +1406,17 @@ pub fn evaluate(
         top5: top5 as f64 / n_f,
         images: n as u64,
     })
+}
+
+/// The model's fp32 logits for a batch already on its device, in eval mode (BN running
+/// statistics); `amp` runs the forward under fp16 autocast. Shared by `eval` and `predict`.
+pub fn eval_logits(
+    model: &convnets_models::resnet::ResNet,
+    images: &Tensor,
+    amp: bool,
+) -> anyhow::Result<Tensor> {
+    let logits = tch::autocast(amp, || model.f_forward_t(images, false))?;
+    Ok(logits.f_to_kind(Kind::Float)?)
 }
 
 #[derive(Debug, Args)]
@@ -1390,31 +1499,31 @@ pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
     if image_size == 0 || a.batch_size == 0 {
         bail!("--image-size and --batch-size must be at least 1");
     }
-    let val = open_split(&a.data, &a.split, 1)?;
-    let cfg = LoaderConfig {
-        backend,
-        sampler: SamplerConfig {
-            shuffle: false,
-            batch_size: a.batch_size,
-            last_batch: LastBatch::Partial,
-            ..Default::default()
-        },
-        transform: Transform::Eval(CenterCrop::for_crop(image_size)),
-        output: OutputSpec {
-            width: image_size,
-            height: image_size,
-            dtype: OutputDtype::F32,
-            layout: if device.is_cuda() {
-                Layout::Nhwc
-            } else {
-                Layout::Nchw
-            },
-            normalize: Some(Default::default()),
-        },
-        threads: a.threads,
-        ..LoaderConfig::default()
+    let layout = if device.is_cuda() {
+        Layout::Nhwc
+    } else {
+        Layout::Nchw
     };
-    let r = evaluate(&loaded.model, val, cfg, device, false)?;
+    let mut cfg = crate::loader_config::loader_config(
+        Crops::Eval,
+        a.batch_size,
+        image_size,
+        OutputDtype::F32,
+        layout,
+    );
+    cfg.backend = backend;
+    cfg.threads = a.threads;
+    memory::check_loader(&cfg, device)?;
+    memory::ImageBatches {
+        batch: a.batch_size,
+        size: image_size,
+        value_bytes: 4,
+        batches: 1,
+    }
+    .check(device, "one batch of images on the model's device")?;
+    let val = open_split(&a.data, &a.split, 1)?;
+    let r = evaluate(&loaded.model, val, cfg, device, false)
+        .map_err(|e| memory::name_allocation_failure(e, a.batch_size, image_size, device))?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {

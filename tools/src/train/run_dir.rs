@@ -1,6 +1,13 @@
 //! The run folder: `args.json` (how the run was started), `log.jsonl`, `summary.json` and
-//! `checkpoints/step-NNNNNNNN/` + `checkpoints/best/`, each checkpoint written to a temporary
-//! folder and renamed into place, so a crash never leaves a half checkpoint under a real name.
+//! `checkpoints/step-NNNNNNNN/`, each checkpoint written to a temporary folder and renamed
+//! into place, so a crash never leaves a half checkpoint under a real name.
+//!
+//! `checkpoints/best` is a relative symlink to the finished `step-N` of the best evaluation,
+//! which keep-last never removes. Each checkpoint's `state.json` names the best step
+//! (`best_step`), so the pointer can be checked against the latest checkpoint: a process
+//! killed between the rename of `step-N` and the pointer's update leaves a pointer that the
+//! next start ([`RunDir::tidy`]) repairs, together with `*.tmp` leftovers and checkpoints
+//! beyond `--keep-last`. `best` therefore always holds the `best_top1` of the summary.
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -9,6 +16,7 @@ use anyhow::{bail, Context};
 use tch::nn::VarStore;
 use tch::{Device, Tensor};
 
+use super::log::LogRecord;
 use super::sgd::Sgd;
 use super::{TrainArgs, TrainState};
 use crate::checkpoint::{self, CheckpointMeta};
@@ -90,7 +98,7 @@ impl RunDir {
         if let Ok(entries) = std::fs::read_dir(self.checkpoints()) {
             for entry in entries.flatten() {
                 if entry.file_name().to_string_lossy().ends_with(".tmp") {
-                    let _ = std::fs::remove_dir_all(entry.path());
+                    remove_any(&entry.path())?;
                 }
             }
         }
@@ -124,19 +132,25 @@ impl RunDir {
     /// The log, opened for appending; lines past `step` (written after the checkpoint a
     /// resumed run starts from) are dropped so the log tells one consistent story.
     pub fn open_log(&self, step: u64) -> anyhow::Result<std::fs::File> {
-        let path = self.dir.join(LOG_NAME);
+        let path = self.log_path();
         if step > 0 && path.exists() {
-            let file = std::fs::File::open(&path)?;
+            let read_err = || format!("reading {}", path.display());
+            let file = std::fs::File::open(&path).with_context(read_err)?;
             let mut kept = Vec::new();
             for line in std::io::BufReader::new(file).lines() {
-                let line = line?;
-                let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-                if v["step"].as_u64().is_none_or(|s| s <= step) {
+                let line = line.with_context(read_err)?;
+                // A line that is not a record (a torn last line) is kept as it is.
+                let record_step = LogRecord::parse(&line)
+                    .ok()
+                    .flatten()
+                    .and_then(|r| r.step());
+                if record_step.is_none_or(|s| s <= step) {
                     kept.extend_from_slice(line.as_bytes());
                     kept.push(b'\n');
                 }
             }
-            convnets_formats::atomic::write_atomic(&path, &kept)?;
+            convnets_formats::atomic::write_atomic(&path, &kept)
+                .with_context(|| format!("writing {}", path.display()))?;
         }
         std::fs::OpenOptions::new()
             .create(true)
@@ -145,10 +159,16 @@ impl RunDir {
             .with_context(|| format!("opening {}", path.display()))
     }
 
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join(LOG_NAME)
+    }
+
     pub fn write_summary(&self, summary: &serde_json::Value) -> anyhow::Result<()> {
         let mut text = serde_json::to_vec_pretty(summary)?;
         text.push(b'\n');
-        convnets_formats::atomic::write_atomic(&self.dir.join(SUMMARY_NAME), &text)?;
+        let path = self.dir.join(SUMMARY_NAME);
+        convnets_formats::atomic::write_atomic(&path, &text)
+            .with_context(|| format!("writing {}", path.display()))?;
         Ok(())
     }
 
@@ -157,12 +177,75 @@ impl RunDir {
         let Some(dir) = checkpoint::latest_step(&self.checkpoints())? else {
             return Ok(None);
         };
-        let path = dir.join(STATE_NAME);
-        let state = serde_json::from_slice(
-            &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
-        )
-        .with_context(|| format!("{}: unreadable training state", path.display()))?;
+        let state = read_state(&dir)?;
         Ok(Some((dir, state)))
+    }
+
+    /// Puts `checkpoints/` back in the shape a finished write leaves, after a process that
+    /// was killed (or ran out of disk) in the middle of one: removes `*.tmp` and `*.old`
+    /// leftovers, points `best` at the checkpoint the latest state names as best, and
+    /// removes checkpoints beyond `keep_last` (never the best one). Says what it repaired.
+    pub fn tidy(&self, keep_last: usize) -> anyhow::Result<()> {
+        let root = self.checkpoints();
+        let entries = match std::fs::read_dir(&root) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", root.display())),
+        };
+        for entry in entries {
+            let entry = entry.with_context(|| format!("reading {}", root.display()))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".tmp") || name.ends_with(".old") {
+                eprintln!(
+                    "removing {}, left by a write that did not finish",
+                    entry.path().display()
+                );
+                remove_any(&entry.path())?;
+            }
+        }
+        let Some((latest, state)) = self.latest()? else {
+            return Ok(());
+        };
+        let best = root.join(checkpoint::BEST_NAME);
+        let pointed = checkpoint::best_step(&root)?;
+        match state.best_step {
+            Some(step) if pointed != Some(step) => {
+                let name = checkpoint::step_name(step);
+                if root.join(&name).join(checkpoint::META_NAME).is_file() {
+                    eprintln!(
+                        "{}: pointing it at {name}, the best checkpoint according to {}",
+                        best.display(),
+                        latest.display()
+                    );
+                    point_best(&root, &name)?;
+                } else {
+                    // Only a checkpoint removed by hand can be missing: no pointer is
+                    // better than one to other weights than the summary's.
+                    eprintln!(
+                        "{}: {name}, the best checkpoint according to {}, is gone; removing the pointer",
+                        best.display(),
+                        latest.display()
+                    );
+                    remove_any(&best)?;
+                }
+            }
+            Some(_) => {}
+            None if best.symlink_metadata().is_ok() => {
+                // A run started before `best` became a pointer: its copy is kept when it
+                // holds the latest state's best evaluation.
+                let copy = read_state(&best).ok();
+                if copy.is_none_or(|c| c.best_top1 != state.best_top1) {
+                    eprintln!(
+                        "{}: not the best checkpoint according to {}; removing it",
+                        best.display(),
+                        latest.display()
+                    );
+                    remove_any(&best)?;
+                }
+            }
+            None => {}
+        }
+        prune(&root, keep_last, state.best_step)
     }
 
     /// Everything checkpoint `step-N` of `state` holds, copied to host memory: on a GPU
@@ -175,7 +258,6 @@ impl RunDir {
         sgd: &Sgd,
         meta: &CheckpointMeta,
         state: &TrainState,
-        is_best: bool,
         keep_last: usize,
     ) -> anyhow::Result<Snapshot> {
         let _guard = tch::no_grad_guard();
@@ -210,13 +292,14 @@ impl RunDir {
         meta.push(b'\n');
         Ok(Snapshot {
             root: self.checkpoints(),
-            name: format!("step-{:08}", state.step),
+            name: checkpoint::step_name(state.step),
             tensors,
             files: vec![
                 (checkpoint::META_NAME, meta),
                 (STATE_NAME, serde_json::to_vec_pretty(state)?),
             ],
-            is_best,
+            is_best: state.best_step == Some(state.step),
+            best_step: state.best_step,
             keep_last,
             #[cfg(feature = "cuda")]
             fence,
@@ -230,7 +313,10 @@ pub struct Snapshot {
     name: String,
     tensors: Vec<(&'static str, Vec<(String, Tensor)>)>,
     files: Vec<(&'static str, Vec<u8>)>,
+    /// This checkpoint becomes `best`.
     is_best: bool,
+    /// The best checkpoint's step, which pruning keeps.
+    best_step: Option<u64>,
     keep_last: usize,
     /// Passed once the device-to-host copies are done.
     #[cfg(feature = "cuda")]
@@ -239,8 +325,9 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Writes `NAME.tmp/` (every file fsynced), renames it to `NAME` (so the previous
-    /// checkpoint stays the latest until the new one is whole), copies it to `best` when it
-    /// is, and removes all but the newest `keep_last`. Returns the checkpoint's folder.
+    /// checkpoint stays the latest until the new one is whole), points `best` at it when it
+    /// is, and removes all but the newest `keep_last` (and the best). Returns the
+    /// checkpoint's folder.
     pub fn write(&self) -> anyhow::Result<PathBuf> {
         #[cfg(feature = "cuda")]
         if let Some(fence) = &self.fence {
@@ -270,28 +357,65 @@ impl Snapshot {
         let dir = self.root.join(&self.name);
         replace_dir(&tmp, &dir)?;
         if self.is_best {
-            let best_tmp = self.root.join("best.tmp");
-            if best_tmp.exists() {
-                std::fs::remove_dir_all(&best_tmp)?;
-            }
-            std::fs::create_dir_all(&best_tmp)?;
-            for entry in std::fs::read_dir(&dir)? {
-                let entry = entry?;
-                let to = best_tmp.join(entry.file_name());
-                std::fs::copy(entry.path(), &to)
-                    .with_context(|| format!("writing {}", to.display()))?;
-                sync_file(&to)?;
-            }
-            replace_dir(&best_tmp, &self.root.join("best"))?;
+            point_best(&self.root, &self.name)?;
         }
-        // Keep the newest `keep_last` checkpoints (at least the one just written).
-        let steps = checkpoint::step_dirs(&self.root)?;
-        let keep = self.keep_last.max(1);
-        for (_, old) in steps.iter().take(steps.len().saturating_sub(keep)) {
-            std::fs::remove_dir_all(old).with_context(|| format!("removing {}", old.display()))?;
-        }
+        prune(&self.root, self.keep_last, self.best_step)?;
         Ok(dir)
     }
+}
+
+fn read_state(dir: &Path) -> anyhow::Result<TrainState> {
+    let path = dir.join(STATE_NAME);
+    let text = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_slice(&text)
+        .with_context(|| format!("{}: unreadable training state", path.display()))
+}
+
+/// Points `root/best` at the finished checkpoint `name`: a relative symlink made as
+/// `best.tmp` and renamed over the old one (atomic); a `best` folder of older runs (a copy)
+/// is removed first.
+fn point_best(root: &Path, name: &str) -> anyhow::Result<()> {
+    let best = root.join(checkpoint::BEST_NAME);
+    let tmp = root.join(format!("{}.tmp", checkpoint::BEST_NAME));
+    remove_any(&tmp)?;
+    std::os::unix::fs::symlink(name, &tmp)
+        .with_context(|| format!("creating {} -> {name}", tmp.display()))?;
+    if best.symlink_metadata().is_ok_and(|m| m.is_dir()) {
+        remove_any(&best)?;
+    }
+    std::fs::rename(&tmp, &best)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), best.display()))?;
+    sync_dir(root)
+}
+
+/// Removes all but the newest `keep_last` (at least one) `step-N` checkpoints, except the
+/// best one.
+fn prune(root: &Path, keep_last: usize, best_step: Option<u64>) -> anyhow::Result<()> {
+    let steps = checkpoint::step_dirs(root)?;
+    let keep = keep_last.max(1);
+    for (step, old) in steps.iter().take(steps.len().saturating_sub(keep)) {
+        if Some(*step) != best_step {
+            std::fs::remove_dir_all(old).with_context(|| format!("removing {}", old.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes a file, symlink or folder; one that is not there is no error.
+fn remove_any(path: &Path) -> anyhow::Result<()> {
+    let result = match path.symlink_metadata() {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => Err(e),
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+    };
+    result.with_context(|| format!("removing {}", path.display()))
+}
+
+fn sync_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing {}", dir.display()))
 }
 
 fn sync_file(path: &Path) -> anyhow::Result<()> {
@@ -375,18 +499,20 @@ impl Drop for CheckpointWriter {
 
 /// Moves `from` to `to`, replacing an older `to`.
 fn replace_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
+    let rename = |a: &Path, b: &Path| {
+        std::fs::rename(a, b)
+            .with_context(|| format!("renaming {} to {}", a.display(), b.display()))
+    };
     if to.exists() {
         let old = to.with_extension("old");
-        if old.exists() {
-            std::fs::remove_dir_all(&old)?;
-        }
-        std::fs::rename(to, &old)?;
-        std::fs::rename(from, to)?;
-        std::fs::remove_dir_all(&old)?;
+        remove_any(&old)?;
+        rename(to, &old)?;
+        rename(from, to)?;
+        remove_any(&old)?;
     } else {
-        std::fs::rename(from, to)?;
+        rename(from, to)?;
     }
-    Ok(())
+    sync_dir(to.parent().unwrap_or(Path::new(".")))
 }
 
 #[cfg(test)]
@@ -403,6 +529,7 @@ mod tests {
             loader: LoaderState::default(),
             scaler: LossScaler::new(false),
             best_top1: None,
+            best_step: None,
             world_size: 1,
         }
     }
@@ -438,7 +565,7 @@ mod tests {
         let meta = CheckpointMeta::new(convnets_models::Arch::ResNet18, 2);
         let mut writer = CheckpointWriter::new();
 
-        writer.submit(run.snapshot(&vs, &sgd, &meta, &state(1), false, 2)?)?;
+        writer.submit(run.snapshot(&vs, &sgd, &meta, &state(1), 2)?)?;
         // The snapshot is taken at submit: later changes to the weights are not in it.
         let first = vs.variables()["w"].copy();
         let _ = vs.variables()["w"].detach().f_add_scalar_(1.0)?;
@@ -460,7 +587,7 @@ mod tests {
 
         // A write that fails is an error naming the path, returned by the next wait.
         std::fs::write(run.checkpoints().join("step-00000003.tmp"), b"in the way")?;
-        writer.submit(run.snapshot(&vs, &sgd, &meta, &state(3), false, 2)?)?;
+        writer.submit(run.snapshot(&vs, &sgd, &meta, &state(3), 2)?)?;
         let err = format!("{:#}", writer.wait().expect_err("the write fails"));
         assert!(err.contains("step-00000003.tmp"), "{err}");
         assert_eq!(run.latest()?.context("a checkpoint")?.1.step, 1);
@@ -468,9 +595,9 @@ mod tests {
 
         // A writer dropped (end of training, Ctrl-C) finishes the write in flight first;
         // the one before it is retried cleanly from its leftovers.
-        writer.submit(run.snapshot(&vs, &sgd, &meta, &state(2), false, 2)?)?;
+        writer.submit(run.snapshot(&vs, &sgd, &meta, &state(2), 2)?)?;
         writer.wait()?;
-        writer.submit(run.snapshot(&vs, &sgd, &meta, &state(4), false, 2)?)?;
+        writer.submit(run.snapshot(&vs, &sgd, &meta, &state(4), 2)?)?;
         drop(writer);
         let (latest, st) = run.latest()?.context("a checkpoint")?;
         assert_eq!(st.step, 4);
