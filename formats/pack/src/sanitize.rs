@@ -269,7 +269,7 @@ fn sanitize_jpeg(
     if misdecoded_by_zune(info) {
         return Err(Problem::Unsupported(format!(
             "sequential JPEG in {} separate scans with vertical chroma subsampling, \
-             which zune-jpeg 0.5.15 (the decoder here) decodes wrongly without error",
+             which zune-jpeg 0.5.15 (the re-encoder's decoder) decodes wrongly without error",
             info.scans
         )));
     }
@@ -286,8 +286,9 @@ fn sanitize_jpeg(
 
 /// zune-jpeg 0.5.15 turns non-interleaved sequential scans into garbage when components
 /// differ in vertical sampling (4:2:0, 4:4:0; zune-image issues 419, 422, 448), while
-/// libjpeg decodes them. Such files can be neither kept (our CPU path uses zune) nor
-/// re-encoded (decoding goes through zune too). Progressive files are not affected.
+/// libjpeg decodes them. They are refused rather than re-encoded, because re-encoding
+/// decodes through zune (`image`); whether every loader decoder (nvJPEG's hardware path
+/// included) takes them as they are is untested. Progressive files are not affected.
 fn misdecoded_by_zune(info: &JpegInfo) -> bool {
     let v_max = info.sampling.iter().map(|&(_, v)| v).max().unwrap_or(1);
     info.process.is_sequential_huffman()
