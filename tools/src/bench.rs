@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
 use convnets_pipeline::cpu::augment::{Layout, OutputDtype};
-use convnets_pipeline::loader::{Backend, Loader, LoaderConfig, LoaderState};
+use convnets_pipeline::loader::{Backend, Loader, LoaderConfig, LoaderState, LoaderStats};
 use convnets_pipeline::sampler::LastBatch;
 use serde_json::json;
 
@@ -110,11 +110,19 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
 }
 
 fn loader(a: LoaderBenchArgs) -> anyhow::Result<()> {
+    // 1. The split (evicted from the page cache first with --drop-cache) and the loader.
     let gpu = a.loader == LoaderKind::Gpu;
     if gpu {
         // A clear "built without CUDA" / "no GPU" before anything else.
         convnets_pipeline::device::gpus()?;
     }
+    let limit = match (a.epochs, a.seconds) {
+        (Some(_), Some(_)) => bail!("give --epochs or --seconds, not both"),
+        (Some(e), None) => Limit::Epochs(e),
+        (None, s) => Limit::Time(Duration::from_secs_f64(s.unwrap_or(20.0))),
+    };
+    let cfg = loader_bench_config(&a);
+    crate::memory::check_loader(&cfg, tch::Device::Cuda(0))?;
     // Before the split is opened: pages under a live mapping are not evicted.
     let evicted = a
         .drop_cache
@@ -124,16 +132,33 @@ fn loader(a: LoaderBenchArgs) -> anyhow::Result<()> {
     let records = split.len();
     // What opening read back in (index pages; a TFRecord folder is read through to index it).
     let drop_cache = evicted.map(|(files, e)| (page_cache::resident_bytes(&files), e));
-    let cfg = loader_bench_config(&a);
-    crate::memory::check_loader(&cfg, tch::Device::Cuda(0))?;
     let mut loader = Loader::new(split, cfg, LoaderState::default())
         .with_context(|| format!("starting the loader on {}", a.data.display()))?;
-    let limit = match (a.epochs, a.seconds) {
-        (Some(_), Some(_)) => bail!("give --epochs or --seconds, not both"),
-        (Some(e), None) => Limit::Epochs(e),
-        (None, s) => Limit::Time(Duration::from_secs_f64(s.unwrap_or(20.0))),
-    };
+    // 2. Batches until the limit, the warm-up ones not counted.
+    let measured = measure(&mut loader, &a, limit)?;
+    if measured.batches == 0 {
+        bail!(
+            "no batches measured: the run ended within the {} warm-up batches (dataset of {records} records)",
+            a.warmup_batches
+        );
+    }
+    // 3. The figures, as JSON or a table.
+    report(&a, &mut loader, records, &measured, drop_cache.as_ref())
+}
 
+/// What the measured window of `bench loader` saw.
+struct Measured {
+    images: u64,
+    batches: u64,
+    wall: f64,
+    /// The loader's counters when the window opened.
+    base: LoaderStats,
+}
+
+/// Takes batches until `limit` (nothing consumes them); the first `--warmup-batches` are
+/// not counted.
+fn measure(loader: &mut Loader, a: &LoaderBenchArgs, limit: Limit) -> anyhow::Result<Measured> {
+    let gpu = a.loader == LoaderKind::Gpu;
     let mut measured_images = 0u64;
     let mut measured_batches = 0u64;
     let mut seen = 0usize;
@@ -172,12 +197,25 @@ fn loader(a: LoaderBenchArgs) -> anyhow::Result<()> {
         tch::Cuda::synchronize(0);
     }
     let wall = start.elapsed().as_secs_f64();
-    if measured_batches == 0 {
-        bail!(
-            "no batches measured: the run ended within the {} warm-up batches (dataset of {records} records)",
-            a.warmup_batches
-        );
-    }
+    Ok(Measured {
+        images: measured_images,
+        batches: measured_batches,
+        wall,
+        base,
+    })
+}
+
+/// Prints what `bench loader` measured.
+fn report(
+    a: &LoaderBenchArgs,
+    loader: &mut Loader,
+    records: usize,
+    m: &Measured,
+    drop_cache: Option<&(Option<u64>, page_cache::Eviction)>,
+) -> anyhow::Result<()> {
+    let gpu = a.loader == LoaderKind::Gpu;
+    let (measured_images, wall, base) = (m.images, m.wall, &m.base);
+    let measured_batches = m.batches;
     let stats = loader.stats();
     let skipped_records = loader.take_skipped();
     let d = |x: f64, y: f64| x - y;

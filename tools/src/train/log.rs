@@ -113,7 +113,20 @@ impl LogRecord {
         if !obj.contains_key("type") {
             return Ok(None);
         }
-        Ok(Some(serde_json::from_value(value)?))
+        serde_json::from_value(value.clone())
+            .map(Some)
+            .map_err(|e| {
+                // serde does not say which field: the one without which the record parses.
+                let culprit = obj.keys().filter(|k| *k != "type").find(|k| {
+                    let mut rest = obj.clone();
+                    rest.remove(*k);
+                    serde_json::from_value::<Self>(serde_json::Value::Object(rest)).is_ok()
+                });
+                match culprit {
+                    Some(key) => anyhow::anyhow!("{key:?}: {e}"),
+                    None => e.into(),
+                }
+            })
     }
 
     /// The record as one line of JSON (without the newline).
@@ -166,6 +179,9 @@ mod tests {
         );
         assert_eq!(LogRecord::parse("{\"step\":3}")?, None);
         assert!(LogRecord::parse("{\"type\":\"train\",\"step\":\"x\"}").is_err());
+        let e = LogRecord::parse("{\"type\":\"eval\",\"epoch\":0,\"top1\":\"high\"}")
+            .expect_err("top1 is not a number");
+        assert!(format!("{e:#}").contains("top1"), "{e:#}");
         Ok(())
     }
 }

@@ -276,6 +276,21 @@ pub struct TrainState {
     pub world_size: usize,
 }
 
+impl TrainState {
+    /// The state of a run that has not taken a step.
+    fn new(amp: bool, world_size: usize) -> Self {
+        Self {
+            epoch: 0,
+            step: 0,
+            loader: LoaderState::default(),
+            scaler: LossScaler::new(amp),
+            best_top1: None,
+            best_step: None,
+            world_size,
+        }
+    }
+}
+
 /// A one-process run stopped by Ctrl-C, its checkpoint saved: the process exits with 130,
 /// the shell's code for SIGINT (`main_with`).
 #[derive(Debug)]
@@ -695,6 +710,174 @@ fn training_hardware_share(cpu_threads: usize, arch: Arch) -> f64 {
     (1.0 - cpu / demand).clamp(0.0, 1.0)
 }
 
+/// The train split, the val split (when evaluated) and the dataset's classes (none for a
+/// synthetic run or a TFRecord folder).
+type Data = (
+    Option<Arc<dyn RecordSource>>,
+    Option<Arc<dyn RecordSource>>,
+    Vec<convnets_formats::ClassInfo>,
+);
+
+fn open_data(args: &TrainArgs) -> anyhow::Result<Data> {
+    let (LoaderKind::Cpu | LoaderKind::Gpu | LoaderKind::Auto, Some(data)) =
+        (&args.loader, &args.data)
+    else {
+        return Ok((None, None, Vec::new()));
+    };
+    let train = open_split(data, "train", 1)?;
+    let val = if args.eval_every > 0 {
+        Some(open_split(data, "val", 1)?)
+    } else {
+        None
+    };
+    let classes = convnets_formats::Dataset::open(data)
+        .map(|d| d.manifest().classes.clone())
+        .unwrap_or_default();
+    Ok((Some(train), val, classes))
+}
+
+/// The model, initialised from `--seed` (channels_last for a GPU).
+fn build_model(
+    args: &TrainArgs,
+    vs: &VarStore,
+    num_classes: i64,
+    device: Device,
+) -> anyhow::Result<convnets_models::resnet::ResNet> {
+    let memory_format = if device.is_cuda() {
+        MemoryFormat::ChannelsLast
+    } else {
+        MemoryFormat::Contiguous
+    };
+    // libtorch's generator is global: hold it while seeding and initialising, so that the
+    // same seed gives the same weights even with other runs in the process.
+    let _rng = INIT_RNG.lock().unwrap_or_else(|p| p.into_inner());
+    tch::manual_seed(args.seed as i64);
+    let cfg = ModelConfig {
+        memory_format,
+        zero_init_last_bn: args.zero_init_residual,
+    };
+    Ok(args.arch.build(&vs.root(), num_classes, &cfg)?)
+}
+
+/// The optimizer's saved buffers: momentum, and the weights' average when kept.
+struct SavedOptimizer {
+    momentum: Vec<(String, Tensor)>,
+    ema: Option<Vec<(String, Tensor)>>,
+}
+
+/// Loads checkpoint `dir` into `vs` and returns its state (its loader position carried
+/// over to a group of `world` ranks) and optimizer buffers.
+fn restore(
+    vs: &VarStore,
+    dir: &std::path::Path,
+    saved: TrainState,
+    args: &TrainArgs,
+    world: usize,
+) -> anyhow::Result<(TrainState, SavedOptimizer)> {
+    convnets_models::weights::load_safetensors(vs, dir.join(checkpoint::MODEL_NAME))?;
+    let read = |name: &str| {
+        let path = dir.join(name);
+        Tensor::read_safetensors(&path)
+            .with_context(|| format!("--resume: reading {}", path.display()))
+    };
+    let optimizer = SavedOptimizer {
+        momentum: read(run_dir::OPTIMIZER_NAME)?,
+        ema: args
+            .ema
+            .is_some()
+            .then(|| read(checkpoint::EMA_NAME))
+            .transpose()?,
+    };
+    eprintln!(
+        "resuming from {} (epoch {}, step {})",
+        dir.display(),
+        saved.epoch,
+        saved.step
+    );
+    let mut state = saved;
+    if state.world_size != world {
+        let old = state.world_size;
+        state.loader = regroup(state.loader, old, world);
+        eprintln!(
+            "the run had {old} rank(s), now {world}: continuing epoch {} at batch {} per rank",
+            state.loader.epoch, state.loader.batch
+        );
+        state.world_size = world;
+    }
+    Ok((state, optimizer))
+}
+
+/// SGD over the model's parameters (on their device), with the saved buffers of a resumed
+/// run.
+fn build_optimizer(
+    vs: &VarStore,
+    args: &TrainArgs,
+    saved: Option<SavedOptimizer>,
+) -> anyhow::Result<Sgd> {
+    let mut sgd = Sgd::new(vs, args.momentum, args.weight_decay, args.nesterov)?;
+    sgd.backbone_lr_scale = args.backbone_lr_scale;
+    if let Some(decay) = args.ema {
+        sgd.enable_ema(decay);
+    }
+    if let Some(saved) = saved {
+        sgd.load_state(&saved.momentum.into_iter().collect())?;
+        if let Some(ema) = saved.ema {
+            sgd.load_ema_state(&ema.into_iter().collect())?;
+        }
+    }
+    Ok(sgd)
+}
+
+/// Every rank starts from rank 0's weights, buffers and optimizer state.
+fn start_from_main(d: &distributed::Distributed, sgd: &Sgd, vs: &VarStore) -> anyhow::Result<()> {
+    let _guard = tch::no_grad_guard();
+    for t in sgd.shared_state() {
+        d.broadcast_from_main(&t)?;
+    }
+    // In name order: every rank must issue the same collectives in the same order
+    // (`variables()` is a HashMap, whose order differs between processes).
+    let mut buffers: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| !t.requires_grad())
+        .collect();
+    buffers.sort_by(|a, b| a.0.cmp(&b.0));
+    for (_, t) in &buffers {
+        d.broadcast_from_main(t)?;
+    }
+    d.progress();
+    Ok(())
+}
+
+/// `--lr` is per 256 images: scaled to the global batch of `world` ranks.
+fn lr_schedule(args: &TrainArgs, world: usize) -> LrSchedule {
+    let global_batch = (args.batch_size * world) as f64;
+    LrSchedule {
+        base_lr: args.lr * global_batch / 256.0,
+        warmup_epochs: args.warmup_epochs,
+        epochs: args.epochs as f64,
+        kind: match args.lr_schedule {
+            ScheduleArg::Cosine => ScheduleKind::Cosine,
+            ScheduleArg::Linear => ScheduleKind::Linear,
+            ScheduleArg::Step => ScheduleKind::Step {
+                milestones: args.lr_steps.clone(),
+                gamma: 0.1,
+            },
+        },
+    }
+}
+
+fn step_options(args: &TrainArgs) -> StepOptions {
+    StepOptions {
+        amp: args.amp,
+        label_smoothing: args.label_smoothing,
+        // A frozen backbone's BN layers use (and keep) their running statistics.
+        train_bn: !args.freeze_backbone,
+        cuda_graphs: args.cuda_graphs,
+        allreduce_kind: args.allreduce_dtype.kind(),
+    }
+}
+
 /// Held while seeding libtorch's global generator and drawing from it (model init, test
 /// data), so that runs and tests on other threads of the process do not interleave draws.
 pub(crate) static INIT_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -732,16 +915,14 @@ impl Trainer {
         resume: Option<(PathBuf, TrainState)>,
         dist: Option<Arc<distributed::Distributed>>,
     ) -> anyhow::Result<Self> {
+        // 1. Device and loader: args.json keeps `auto`, so a resumed run chooses again
+        // (both loaders give the same records and crops).
         check_args(&args)?;
-        let device = match dist.as_ref().and_then(|d| d.device) {
-            Some(i) => Device::Cuda(i),
-            None => device_of(args.device)?,
-        };
-        // args.json keeps `auto`: a resumed run chooses again (both loaders give the same
-        // records and crops).
+        let device = rank_device(&args, dist.as_deref())?;
         let mut args = args;
         let (loader, loader_choice) = resolve_loader(args.loader, device);
         args.loader = loader;
+        check_memory(&args, device, loader)?;
         let world = dist.as_ref().map_or(1, |d| d.world_size);
         if let (Device::Cpu, Some(local)) = (device, dist.as_ref().and_then(|d| d.local_world_size))
         {
@@ -749,145 +930,48 @@ impl Trainer {
             // OMP_NUM_THREADS does) rather than each starting one thread per core.
             tch::set_num_threads(convnets_pipeline::loader::core_share(local) as i32);
         }
-        let (train, val, classes) = match (&args.loader, &args.data) {
-            (LoaderKind::Cpu | LoaderKind::Gpu | LoaderKind::Auto, Some(data)) => {
-                let train = open_split(data, "train", 1)?;
-                let val = if args.eval_every > 0 {
-                    Some(open_split(data, "val", 1)?)
-                } else {
-                    None
-                };
-                let classes = convnets_formats::Dataset::open(data)
-                    .map(|d| d.manifest().classes.clone())
-                    .unwrap_or_default();
-                (Some(train), val, classes)
-            }
-            _ => (None, None, Vec::new()),
-        };
+        // 2. Data and model.
+        let (train, val, classes) = open_data(&args)?;
         let num_classes = if classes.is_empty() {
             1000
         } else {
             classes.len() as i64
         };
         let mut vs = VarStore::new(Device::Cpu);
-        let memory_format = if device.is_cuda() {
-            MemoryFormat::ChannelsLast
-        } else {
-            MemoryFormat::Contiguous
-        };
-        let model = {
-            // libtorch's generator is global: hold it while seeding and initialising, so
-            // that the same seed gives the same weights even with other runs in the process.
-            let _rng = INIT_RNG.lock().unwrap_or_else(|p| p.into_inner());
-            tch::manual_seed(args.seed as i64);
-            let cfg = ModelConfig {
-                memory_format,
-                zero_init_last_bn: args.zero_init_residual,
-            };
-            args.arch.build(&vs.root(), num_classes, &cfg)?
-        };
+        let model = build_model(&args, &vs, num_classes, device)?;
         let mut meta = CheckpointMeta::new(args.arch, num_classes);
         meta.classes = classes;
         meta.source = "convnets train".into();
         meta.image_size = Some(args.image_size);
-        let mut state = TrainState {
-            epoch: 0,
-            step: 0,
-            loader: LoaderState::default(),
-            scaler: LossScaler::new(args.amp),
-            best_top1: None,
-            best_step: None,
-            world_size: world,
+        // 3. Weights and state: the checkpoint's when resuming, else --init-from's or fresh.
+        let (state, saved_optimizer) = match resume {
+            Some((dir, saved)) => {
+                let (state, optimizer) = restore(&vs, &dir, saved, &args, world)?;
+                (state, Some(optimizer))
+            }
+            None => {
+                if let Some(source) = &args.init_from {
+                    finetune::init_from(&vs, source, args.arch)?;
+                }
+                (TrainState::new(args.amp, world), None)
+            }
         };
-        let (mut momentum, mut ema_state) = (None, None);
-        // A resumed run's weights come from its checkpoint, not from --init-from.
-        if let (Some(source), None) = (&args.init_from, &resume) {
-            finetune::init_from(&vs, source, args.arch)?;
-        }
-        if let Some((dir, saved)) = resume {
-            convnets_models::weights::load_safetensors(&vs, dir.join(checkpoint::MODEL_NAME))?;
-            momentum = Some(Tensor::read_safetensors(dir.join(run_dir::OPTIMIZER_NAME))?);
-            if args.ema.is_some() {
-                ema_state = Some(Tensor::read_safetensors(dir.join(checkpoint::EMA_NAME))?);
-            }
-            eprintln!(
-                "resuming from {} (epoch {}, step {})",
-                dir.display(),
-                saved.epoch,
-                saved.step
-            );
-            state = saved;
-            if state.world_size != world {
-                let old = state.world_size;
-                state.loader = regroup(state.loader, old, world);
-                eprintln!(
-                    "the run had {old} rank(s), now {world}: continuing epoch {} at batch {} per rank",
-                    state.loader.epoch, state.loader.batch
-                );
-                state.world_size = world;
-            }
-        }
         vs.set_device(device);
         if args.freeze_backbone {
             finetune::freeze_backbone(&vs);
         }
-        // After the move: the optimizer re-points the parameters at its flat buffer.
-        let mut sgd = Sgd::new(&vs, args.momentum, args.weight_decay, args.nesterov)?;
-        sgd.backbone_lr_scale = args.backbone_lr_scale;
-        if let Some(decay) = args.ema {
-            sgd.enable_ema(decay);
-        }
-        if let Some(m) = momentum {
-            sgd.load_state(&m.into_iter().collect())?;
-        }
-        if let Some(ema) = ema_state {
-            sgd.load_ema_state(&ema.into_iter().collect())?;
-        }
+        // 4. Optimizer (after the move: it re-points the parameters at its flat buffer),
+        // the same on every rank, and the training step.
+        let sgd = build_optimizer(&vs, &args, saved_optimizer)?;
         if let Some(d) = &dist {
-            // Every rank starts from rank 0's weights, buffers and optimizer state.
-            let _guard = tch::no_grad_guard();
-            for t in sgd.shared_state() {
-                d.broadcast_from_main(&t)?;
-            }
-            // In name order: every rank must issue the same collectives in the same order
-            // (`variables()` is a HashMap, whose order differs between processes).
-            let mut buffers: Vec<(String, Tensor)> = vs
-                .variables()
-                .into_iter()
-                .filter(|(_, t)| !t.requires_grad())
-                .collect();
-            buffers.sort_by(|a, b| a.0.cmp(&b.0));
-            for (_, t) in &buffers {
-                d.broadcast_from_main(t)?;
-            }
-            d.progress();
+            start_from_main(d, &sgd, &vs)?;
         }
         if device.is_cuda() {
             tch::Cuda::cudnn_set_benchmark(true);
         }
-        let global_batch = (args.batch_size * world) as f64;
-        let schedule = LrSchedule {
-            base_lr: args.lr * global_batch / 256.0,
-            warmup_epochs: args.warmup_epochs,
-            epochs: args.epochs as f64,
-            kind: match args.lr_schedule {
-                ScheduleArg::Cosine => ScheduleKind::Cosine,
-                ScheduleArg::Linear => ScheduleKind::Linear,
-                ScheduleArg::Step => ScheduleKind::Step {
-                    milestones: args.lr_steps.clone(),
-                    gamma: 0.1,
-                },
-            },
-        };
-        let opts = StepOptions {
-            amp: args.amp,
-            label_smoothing: args.label_smoothing,
-            // A frozen backbone's BN layers use (and keep) their running statistics.
-            train_bn: !args.freeze_backbone,
-            cuda_graphs: args.cuda_graphs,
-            allreduce_kind: args.allreduce_dtype.kind(),
-        };
-        let step = TrainStep::new(sgd, &state.scaler, opts, device)?;
+        let schedule = lr_schedule(&args, world);
+        let step = TrainStep::new(sgd, &state.scaler, step_options(&args), device)?;
+        // 5. The log (rank 0's), and the checkpoint writer.
         let main = dist.as_ref().is_none_or(|d| d.is_main());
         let log = if main {
             Some(run.open_log(state.step)?)
@@ -950,6 +1034,7 @@ impl Trainer {
 
     fn run(mut self) -> anyhow::Result<()> {
         let started = Instant::now();
+        // 1. The loader at the saved position, and pinned memory for the snapshots.
         let mut loader = match &self.train {
             Some(src) => Some(Loader::new(
                 src.clone(),
@@ -959,11 +1044,39 @@ impl Trainer {
             None => None,
         };
         let steps_per_epoch = loader.as_ref().map_or(100, |l| l.batches_per_epoch()) as u64;
-        let total_steps = steps_per_epoch * self.args.epochs;
+        self.pin_snapshot_memory()?;
+        let bar = if self.main() {
+            progress_bar(steps_per_epoch * self.args.epochs, self.state.step)
+        } else {
+            ProgressBar::hidden()
+        };
+        let mut progress = Progress::new(started, bar);
+        // 2. Epoch after epoch: its steps, then its boundary (eval, checkpoint, records).
+        let mut interrupted_at = None;
+        while self.state.epoch < self.args.epochs {
+            match self.run_epoch(&mut loader, steps_per_epoch, &mut progress)? {
+                EpochEnd::Stopped(interrupted) => {
+                    interrupted_at = interrupted;
+                    break;
+                }
+                EpochEnd::StepsDone(at) => self.finish_epoch(loader.as_ref(), at, &mut progress)?,
+            }
+        }
+        progress.bar.finish_and_clear();
+        // 3. The summary, once the last checkpoint is on disk.
+        self.checkpoints.wait()?;
+        self.summarize(loader, progress)?;
+        match interrupted_at {
+            Some(i) => Err(i.into()),
+            None => Ok(()),
+        }
+    }
+
+    /// A snapshot taken and dropped now pins the host memory that the epoch-end snapshots
+    /// then reuse (libtorch caches pinned blocks), so the first epoch boundary does not pay
+    /// for pinning ~3x the model's size.
+    fn pin_snapshot_memory(&self) -> anyhow::Result<()> {
         if self.main() && self.device.is_cuda() {
-            // A snapshot taken and dropped now pins the host memory that the epoch-end
-            // snapshots then reuse (libtorch caches pinned blocks), so the first epoch
-            // boundary does not pay for pinning ~3x the model's size.
             drop(self.run.snapshot(
                 &self.vs,
                 &self.step.sgd,
@@ -972,188 +1085,207 @@ impl Trainer {
                 self.args.keep_last,
             )?);
         }
-        let bar = if self.main() {
-            progress_bar(total_steps, self.state.step)
-        } else {
-            ProgressBar::hidden()
-        };
-        let mut images_done = 0u64;
-        // Start of the current epoch (time, images): whole-epoch rates include the boundary.
-        let mut epoch_mark = (Instant::now(), 0u64);
-        let mut epoch_rates = Vec::new();
-        let world = self.dist.as_ref().map_or(1, |d| d.world_size) as u64;
-        let mut window = (Instant::now(), 0u64);
-        let mut last_eval = None;
-        let mut held = HostBatchRelease::default();
-        // Records that failed to decode under --on-bad-record skip (replaced in their batch).
-        let mut skipped_records = 0u64;
-        let mut interrupted_at = None;
-        'epochs: while self.state.epoch < self.args.epochs {
-            let epoch = self.state.epoch;
-            let mut step_in_epoch = self.state.loader.batch as u64;
-            loop {
-                if self.args.max_steps.is_some_and(|m| self.state.step >= m)
-                    || self.stop
-                    || (self.dist.is_none() && interrupted())
-                {
-                    // Stopped mid-epoch: save where we are so --resume continues exactly.
-                    self.state.loader = loader.as_ref().map_or(
-                        LoaderState {
-                            epoch,
-                            batch: step_in_epoch as usize,
-                        },
-                        |l| l.state(),
-                    );
-                    self.state.scaler = self.step.scaler_state()?;
-                    let saved = if self.main() {
-                        self.save_checkpoint()?;
-                        self.checkpoints.wait()?
-                    } else {
-                        None
-                    };
-                    if self.dist.is_none() && interrupted() {
-                        interrupted_at = Some(Interrupted {
-                            step: self.state.step,
-                            checkpoint: saved,
-                        });
-                    } else {
-                        bar.println(format!(
-                            "stopped at step {}; checkpoint saved, continue with --resume",
-                            self.state.step
-                        ));
-                    }
-                    break 'epochs;
-                }
-                let batch = match &mut loader {
-                    Some(l) => match l.next_batch() {
-                        Some(b) => Some(b.context("loading a batch")?),
-                        None => None,
-                    },
-                    None if step_in_epoch < steps_per_epoch => None,
-                    None => break,
-                };
-                if loader.is_some() && batch.is_none() {
-                    break;
-                }
-                if let Some(b) = &batch {
-                    skipped_records += b.skipped.iter().filter(|s| **s).count() as u64;
-                }
-                let t = epoch as f64 + step_in_epoch as f64 / steps_per_epoch as f64;
-                let lr = self.schedule.lr(t);
-                let n = self.train_step(batch, lr, &mut held)?;
-                self.state.step += 1;
-                step_in_epoch += 1;
-                images_done += n;
-                window.1 += n;
-                bar.inc(1);
-                match &self.dist {
-                    None => self.stop = interrupted(),
-                    // Queuing a step counts as progress: when a collective hangs, the GPU's
-                    // queue fills, launches block, and the stall watch sees no more of it.
-                    Some(d) => d.progress(),
-                }
-                // The GPU is waited for here only: the loss and the scaler are read back
-                // at logging points (and the ranks agree there on stopping).
-                if self.state.step % self.args.log_every == 0 || step_in_epoch == steps_per_epoch {
-                    let r = self.step.readout()?;
-                    let (loss, diverged) =
-                        self.agree(r.loss, r.nonfinite_streak >= NAN_STEPS_TO_STOP)?;
-                    // All ranks together (each trained on as many images as this one).
-                    let ranks = self.dist.as_ref().map_or(1, |d| d.world_size) as f64;
-                    let img_s = window.1 as f64 * ranks / window.0.elapsed().as_secs_f64();
-                    window = (Instant::now(), 0);
-                    bar.set_message(format!(
-                        "epoch {epoch} loss {loss:.4} lr {lr:.4} {img_s:.0} img/s"
-                    ));
-                    self.log(LogRecord::Train(log::StepWindow {
-                        epoch,
-                        step: self.state.step,
-                        loss: Some(loss),
-                        lr: Some(lr),
-                        img_s: Some(img_s),
-                        loss_scale: Some(r.loss_scale),
-                        skipped_steps: Some(r.skipped_steps),
-                        skipped_records: Some(skipped_records),
-                    }))?;
-                    // Divergence guard: a few non-finite losses in a row (skipped steps) end the run.
-                    if diverged {
-                        self.checkpoints.wait()?;
-                        let last_good = match self.run.latest().ok().flatten() {
-                            Some((dir, _)) => format!("the last checkpoint is {}", dir.display()),
-                            None => "no checkpoint was written before it".to_string(),
-                        };
-                        bail!("loss was {loss} for {NAN_STEPS_TO_STOP} steps in a row (by step {}, epoch {epoch}): the run diverged \
-                               ({last_good}; a lower --lr or a longer --warmup-epochs may help)", self.state.step);
-                    }
-                }
-            }
-            let steps_done = Instant::now();
-            self.state.epoch += 1;
-            self.state.loader = loader.as_ref().map_or(
-                LoaderState {
-                    epoch: epoch + 1,
-                    batch: 0,
-                },
-                |l| l.state(),
-            );
-            let eval = if self.val.is_some()
-                && self.args.eval_every > 0
-                && (epoch + 1) % self.args.eval_every == 0
+        Ok(())
+    }
+
+    /// The steps of the current epoch, from the saved position; stops early (checkpoint
+    /// saved) at `--max-steps` or on Ctrl-C.
+    fn run_epoch(
+        &mut self,
+        loader: &mut Option<Loader>,
+        steps_per_epoch: u64,
+        p: &mut Progress,
+    ) -> anyhow::Result<EpochEnd> {
+        let epoch = self.state.epoch;
+        let mut step_in_epoch = self.state.loader.batch as u64;
+        loop {
+            if self.args.max_steps.is_some_and(|m| self.state.step >= m)
+                || self.stop
+                || (self.dist.is_none() && interrupted())
             {
-                Some(self.evaluate()?)
-            } else {
-                None
+                let interrupted = self.stop_mid_epoch(loader.as_ref(), step_in_epoch, &p.bar)?;
+                return Ok(EpochEnd::Stopped(interrupted));
+            }
+            let batch = match loader {
+                Some(l) => match l.next_batch() {
+                    Some(b) => Some(b.context("loading a batch")?),
+                    None => break,
+                },
+                None if step_in_epoch < steps_per_epoch => None,
+                None => break,
             };
-            if let Some(e) = &eval {
-                self.log(LogRecord::Eval(log::EvalRecord {
-                    epoch,
-                    step: Some(self.state.step),
-                    loss: Some(e.loss),
-                    top1: Some(e.top1),
-                    top5: Some(e.top5),
-                    images: Some(e.images),
-                }))?;
-                bar.println(format!(
-                    "epoch {epoch}: val top-1 {:.2} %, top-5 {:.2} %, loss {:.4}",
-                    e.top1 * 100.0,
-                    e.top5 * 100.0,
-                    e.loss
-                ));
-                last_eval = Some(e.clone());
+            if let Some(b) = &batch {
+                p.skipped_records += b.skipped.iter().filter(|s| **s).count() as u64;
             }
-            let is_best = eval
-                .as_ref()
-                .is_some_and(|e| self.state.best_top1.is_none_or(|b| e.top1 > b));
-            if is_best {
-                self.state.best_top1 = eval.as_ref().map(|e| e.top1);
-                // This epoch's checkpoint (step-N of this step) becomes `best`.
-                self.state.best_step = Some(self.state.step);
+            let t = epoch as f64 + step_in_epoch as f64 / steps_per_epoch as f64;
+            let lr = self.schedule.lr(t);
+            let n = self.train_step(batch, lr, &mut p.held)?;
+            self.state.step += 1;
+            step_in_epoch += 1;
+            p.images_done += n;
+            p.window.1 += n;
+            p.bar.inc(1);
+            match &self.dist {
+                None => self.stop = interrupted(),
+                // Queuing a step counts as progress: when a collective hangs, the GPU's
+                // queue fills, launches block, and the stall watch sees no more of it.
+                Some(d) => d.progress(),
             }
-            self.state.scaler = self.step.scaler_state()?;
-            if self.main() {
-                self.save_checkpoint()?;
+            // The GPU is waited for here only: the loss and the scaler are read back
+            // at logging points (and the ranks agree there on stopping).
+            if self.state.step % self.args.log_every == 0 || step_in_epoch == steps_per_epoch {
+                self.log_window(lr, p)?;
             }
-            // The epoch's rate over its whole wall time (its boundary included: eval,
-            // checkpoint snapshot, the loader's turn), and what the boundary itself took.
-            let now = Instant::now();
-            let images = (images_done - epoch_mark.1) * world;
-            let wall = now.duration_since(epoch_mark.0).as_secs_f64();
-            let boundary_s = now.duration_since(steps_done).as_secs_f64();
-            epoch_rates.push(images as f64 / wall);
-            self.log(LogRecord::Epoch(log::EpochRecord {
-                epoch,
-                step: self.state.step,
-                images,
-                wall_s: wall,
-                img_s: images as f64 / wall,
-                boundary_s,
-            }))?;
-            epoch_mark = (now, images_done);
         }
-        bar.finish_and_clear();
-        // The last checkpoint is on disk before the run says it is done.
-        self.checkpoints.wait()?;
-        let wall = started.elapsed().as_secs_f64();
+        Ok(EpochEnd::StepsDone(Instant::now()))
+    }
+
+    /// Stopped mid-epoch: saves where the run is, so --resume continues exactly. Returns
+    /// the report of a one-process run stopped by Ctrl-C.
+    fn stop_mid_epoch(
+        &mut self,
+        loader: Option<&Loader>,
+        step_in_epoch: u64,
+        bar: &ProgressBar,
+    ) -> anyhow::Result<Option<Interrupted>> {
+        self.state.loader = loader.map_or(
+            LoaderState {
+                epoch: self.state.epoch,
+                batch: step_in_epoch as usize,
+            },
+            |l| l.state(),
+        );
+        self.state.scaler = self.step.scaler_state()?;
+        let saved = if self.main() {
+            self.save_checkpoint()?;
+            self.checkpoints.wait()?
+        } else {
+            None
+        };
+        if self.dist.is_none() && interrupted() {
+            return Ok(Some(Interrupted {
+                step: self.state.step,
+                checkpoint: saved,
+            }));
+        }
+        bar.println(format!(
+            "stopped at step {}; checkpoint saved, continue with --resume",
+            self.state.step
+        ));
+        Ok(None)
+    }
+
+    /// A logging point: the steps since the last one read back (the one wait for the
+    /// device), agreed on by the ranks, logged; a diverged run ends here.
+    fn log_window(&mut self, lr: f64, p: &mut Progress) -> anyhow::Result<()> {
+        let epoch = self.state.epoch;
+        let r = self.step.readout()?;
+        let (loss, diverged) = self.agree(r.loss, r.nonfinite_streak >= NAN_STEPS_TO_STOP)?;
+        // All ranks together (each trained on as many images as this one).
+        let ranks = self.dist.as_ref().map_or(1, |d| d.world_size) as f64;
+        let img_s = p.window.1 as f64 * ranks / p.window.0.elapsed().as_secs_f64();
+        p.window = (Instant::now(), 0);
+        p.bar.set_message(format!(
+            "epoch {epoch} loss {loss:.4} lr {lr:.4} {img_s:.0} img/s"
+        ));
+        self.log(LogRecord::Train(log::StepWindow {
+            epoch,
+            step: self.state.step,
+            loss: Some(loss),
+            lr: Some(lr),
+            img_s: Some(img_s),
+            loss_scale: Some(r.loss_scale),
+            skipped_steps: Some(r.skipped_steps),
+            skipped_records: Some(p.skipped_records),
+        }))?;
+        // Divergence guard: a few non-finite losses in a row (skipped steps) end the run.
+        if diverged {
+            self.checkpoints.wait()?;
+            let last_good = match self.run.latest().ok().flatten() {
+                Some((dir, _)) => format!("the last checkpoint is {}", dir.display()),
+                None => "no checkpoint was written before it".to_string(),
+            };
+            bail!("loss was {loss} for {NAN_STEPS_TO_STOP} steps in a row (by step {}, epoch {epoch}): the run diverged \
+                   ({last_good}; a lower --lr or a longer --warmup-epochs may help)", self.state.step);
+        }
+        Ok(())
+    }
+
+    /// An epoch's boundary (its steps ended at `steps_done`): evaluation, the best so far,
+    /// the checkpoint, and the epoch's record.
+    fn finish_epoch(
+        &mut self,
+        loader: Option<&Loader>,
+        steps_done: Instant,
+        p: &mut Progress,
+    ) -> anyhow::Result<()> {
+        let epoch = self.state.epoch;
+        self.state.epoch += 1;
+        self.state.loader = loader.map_or(
+            LoaderState {
+                epoch: epoch + 1,
+                batch: 0,
+            },
+            |l| l.state(),
+        );
+        let eval = if self.val.is_some()
+            && self.args.eval_every > 0
+            && (epoch + 1) % self.args.eval_every == 0
+        {
+            Some(self.evaluate()?)
+        } else {
+            None
+        };
+        if let Some(e) = &eval {
+            self.log(LogRecord::Eval(log::EvalRecord {
+                epoch,
+                step: Some(self.state.step),
+                loss: Some(e.loss),
+                top1: Some(e.top1),
+                top5: Some(e.top5),
+                images: Some(e.images),
+            }))?;
+            p.bar.println(format!(
+                "epoch {epoch}: val top-1 {:.2} %, top-5 {:.2} %, loss {:.4}",
+                e.top1 * 100.0,
+                e.top5 * 100.0,
+                e.loss
+            ));
+            p.last_eval = Some(e.clone());
+        }
+        if let Some(e) = eval.filter(|e| self.state.best_top1.is_none_or(|b| e.top1 > b)) {
+            self.state.best_top1 = Some(e.top1);
+            // This epoch's checkpoint (step-N of this step) becomes `best`.
+            self.state.best_step = Some(self.state.step);
+        }
+        self.state.scaler = self.step.scaler_state()?;
+        if self.main() {
+            self.save_checkpoint()?;
+        }
+        // The epoch's rate over its whole wall time (its boundary included: eval,
+        // checkpoint snapshot, the loader's turn), and what the boundary itself took.
+        let world = self.dist.as_ref().map_or(1, |d| d.world_size) as u64;
+        let now = Instant::now();
+        let images = (p.images_done - p.epoch_mark.1) * world;
+        let wall = now.duration_since(p.epoch_mark.0).as_secs_f64();
+        let boundary_s = now.duration_since(steps_done).as_secs_f64();
+        p.epoch_rates.push(images as f64 / wall);
+        self.log(LogRecord::Epoch(log::EpochRecord {
+            epoch,
+            step: self.state.step,
+            images,
+            wall_s: wall,
+            img_s: images as f64 / wall,
+            boundary_s,
+        }))?;
+        p.epoch_mark = (now, p.images_done);
+        Ok(())
+    }
+
+    /// The run's end: the check that the replicas stayed equal and the skipped records
+    /// (collectives every rank joins), then rank 0's `summary.json`.
+    fn summarize(&mut self, mut loader: Option<Loader>, p: Progress) -> anyhow::Result<()> {
+        let wall = p.started.elapsed().as_secs_f64();
         // A check that data parallelism kept the replicas equal: the largest difference of
         // any weight from rank 0's, summed over the ranks (0 when identical).
         let weight_difference = match &self.dist {
@@ -1170,8 +1302,8 @@ impl Trainer {
         };
         // Every rank's skipped records (each read its own share of the data).
         let skipped_total = match &self.dist {
-            Some(d) => d.sum_values(&[skipped_records as f64])?[0] as u64,
-            None => skipped_records,
+            Some(d) => d.sum_values(&[p.skipped_records as f64])?[0] as u64,
+            None => p.skipped_records,
         };
         if !self.main() {
             return Ok(());
@@ -1193,14 +1325,14 @@ impl Trainer {
         }
         // Every rank trained on as many images as this one.
         let world = self.dist.as_ref().map_or(1, |d| d.world_size);
-        images_done *= world as u64;
+        let images_done = p.images_done * world as u64;
         // Share of the run the training loop spent waiting for the loader.
         let data_wait = loader.as_ref().map(|l| l.stats().wait_s / wall);
         let summary = json!({
             "arch": self.args.arch.name(), "epochs": self.state.epoch, "steps": self.state.step,
             "images": images_done, "wall_s": wall, "img_s": images_done as f64 / wall,
-            "epoch_img_s": epoch_rates,
-            "final_eval": last_eval, "best_top1": self.state.best_top1,
+            "epoch_img_s": p.epoch_rates,
+            "final_eval": p.last_eval, "best_top1": self.state.best_top1,
             "best_checkpoint": self.state.best_step.map(|s| self.run.checkpoints().join(checkpoint::step_name(s))),
             "skipped_steps": self.state.scaler.skipped_steps,
             "skipped_records": skipped_total,
@@ -1219,10 +1351,7 @@ impl Trainer {
         });
         self.run.write_summary(&summary)?;
         println!("{}", serde_json::to_string_pretty(&summary)?);
-        match interrupted_at {
-            Some(i) => Err(i.into()),
-            None => Ok(()),
-        }
+        Ok(())
     }
 
     /// One optimisation step (queued on the device, not waited for); returns the images.
@@ -1346,6 +1475,49 @@ impl Trainer {
                 .with_context(|| format!("writing {}", self.run.log_path().display()))?;
         }
         Ok(())
+    }
+}
+
+/// How an epoch's steps ended.
+enum EpochEnd {
+    /// Its loader (or synthetic step count) ran out at this time.
+    StepsDone(Instant),
+    /// The run stopped mid-epoch, its checkpoint saved; with Ctrl-C's report when it was
+    /// that, on a one-process run.
+    Stopped(Option<Interrupted>),
+}
+
+/// What the training loop counts while it runs, for the logs and the summary.
+struct Progress {
+    started: Instant,
+    /// Images this rank trained on.
+    images_done: u64,
+    /// Start of the current epoch (time, images): whole-epoch rates include the boundary.
+    epoch_mark: (Instant, u64),
+    epoch_rates: Vec<f64>,
+    /// Start of the current logging window (time, images).
+    window: (Instant, u64),
+    last_eval: Option<EvalResult>,
+    /// Records that failed to decode under --on-bad-record skip (replaced in their batch).
+    skipped_records: u64,
+    held: HostBatchRelease<Batch>,
+    bar: ProgressBar,
+}
+
+impl Progress {
+    fn new(started: Instant, bar: ProgressBar) -> Self {
+        let now = Instant::now();
+        Self {
+            started,
+            images_done: 0,
+            epoch_mark: (now, 0),
+            epoch_rates: Vec::new(),
+            window: (now, 0),
+            last_eval: None,
+            skipped_records: 0,
+            held: HostBatchRelease::default(),
+            bar,
+        }
     }
 }
 

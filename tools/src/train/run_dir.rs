@@ -78,9 +78,9 @@ impl RunDir {
                 pid.trim()
             );
         }
-        file.set_len(0)?;
-        file.rewind()?;
-        write!(file, "{}", std::process::id())
+        file.set_len(0)
+            .and_then(|()| file.rewind())
+            .and_then(|()| write!(file, "{}", std::process::id()))
             .with_context(|| format!("writing {}", path.display()))?;
         Ok(RunLock { _file: file })
     }
