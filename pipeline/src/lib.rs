@@ -75,6 +75,9 @@ pub enum Error {
     Augment(#[from] cpu::augment::AugmentError),
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// libtorch could not allocate a batch's memory (out of memory).
+    #[error("cannot allocate {what}: {reason}")]
+    Alloc { what: String, reason: String },
     #[error(transparent)]
     Format(#[from] convnets_formats::Error),
 }

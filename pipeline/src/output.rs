@@ -122,14 +122,25 @@ impl OutputSpec {
 
     /// An uninitialised `[batch, 3, H, W]` image tensor on `device` in this spec's dtype and
     /// layout: `Nhwc` is NHWC memory seen through an NCHW shape (channels_last), as
-    /// PyTorch does. Both loaders allocate their batches here.
-    pub(crate) fn empty_images(&self, batch: usize, device: Device) -> Tensor {
+    /// PyTorch does. Both loaders allocate their batches here; a failed allocation is an
+    /// error naming the batch and its bytes.
+    pub(crate) fn empty_images(&self, batch: usize, device: Device) -> crate::Result<Tensor> {
         let (b, h, w) = (batch as i64, i64::from(self.height), i64::from(self.width));
         let kind = self.dtype.kind();
         match self.layout {
-            Layout::Nchw => Tensor::empty([b, 3, h, w], (kind, device)),
-            Layout::Nhwc => Tensor::empty([b, h, w, 3], (kind, device)).permute([0, 3, 1, 2]),
+            Layout::Nchw => Tensor::f_empty([b, 3, h, w], (kind, device)),
+            Layout::Nhwc => Tensor::f_empty([b, h, w, 3], (kind, device))
+                .and_then(|t| t.f_permute([0, 3, 1, 2])),
         }
+        .map_err(|e| crate::Error::Alloc {
+            what: format!(
+                "a batch of {batch} images of {}x{} ({} bytes) on {device:?}",
+                self.width,
+                self.height,
+                batch * self.sample_bytes()
+            ),
+            reason: e.to_string(),
+        })
     }
 }
 

@@ -247,16 +247,25 @@ fn new_slot(
     pin: Option<Device>,
     free: Weak<Sender<Arc<Slot>>>,
 ) -> Result<Slot> {
-    let images = out.empty_images(batch, Device::Cpu);
-    let mut labels = Tensor::zeros([batch as i64], (Kind::Int64, Device::Cpu));
+    let images = out.empty_images(batch, Device::Cpu)?;
+    let alloc = |what: &str, e: tch::TchError| Error::Alloc {
+        what: format!("{what} of a batch of {batch}"),
+        reason: e.to_string(),
+    };
+    let mut labels = Tensor::f_zeros([batch as i64], (Kind::Int64, Device::Cpu))
+        .map_err(|e| alloc("the labels", e))?;
     let images = match pin {
         Some(device) => {
             if !tch::Cuda::is_available() {
                 return Err(Error::Config("pinned batch memory needs a GPU".into()));
             }
-            labels = labels.pin_memory(device);
+            labels = labels
+                .f_pin_memory(device)
+                .map_err(|e| alloc("pinned labels", e))?;
             // pin_memory copies into page-locked memory, keeping the strides.
-            images.pin_memory(device)
+            images
+                .f_pin_memory(device)
+                .map_err(|e| alloc("pinned images", e))?
         }
         None => images,
     };

@@ -903,8 +903,12 @@ impl Lane {
     fn launch_augment(&mut self, n: usize) -> Result<(Tensor, Tensor, CudaEvent)> {
         let out = self.cfg.output;
         let device = Device::Cuda(self.opts.device);
-        let images = out.empty_images(n, device);
-        let labels_dev = Tensor::empty([n as i64], (Kind::Int64, device));
+        let images = out.empty_images(n, device)?;
+        let labels_dev =
+            Tensor::f_empty([n as i64], (Kind::Int64, device)).map_err(|e| Error::Alloc {
+                what: format!("the labels of a batch of {n} on {device:?}"),
+                reason: e.to_string(),
+            })?;
         let allocated = self
             .null_stream
             .record_event(None)

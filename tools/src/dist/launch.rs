@@ -237,19 +237,10 @@ fn signal_name(signal: libc::c_int) -> String {
 static PENDING_SIGINT: AtomicU32 = AtomicU32::new(0);
 static PENDING_SIGTERM: AtomicU32 = AtomicU32::new(0);
 
-extern "C" fn note_signal(signal: libc::c_int) {
-    let pending = if signal == libc::SIGINT {
-        &PENDING_SIGINT
-    } else {
-        &PENDING_SIGTERM
-    };
-    pending.fetch_add(1, Ordering::SeqCst);
-}
-
-/// While it lives, SIGINT and SIGTERM are noted for forwarding instead of acted on; the
-/// previous handlers (e.g. `ctrlc`'s) come back when it is dropped.
+/// While it lives, SIGINT and SIGTERM are counted for forwarding instead of acted on
+/// (signal-hook's handlers replace the default action); dropping it unregisters them.
 struct ForwardedSignals {
-    previous: Vec<(libc::c_int, libc::sigaction)>,
+    registered: Vec<signal_hook::SigId>,
 }
 
 impl ForwardedSignals {
@@ -257,23 +248,19 @@ impl ForwardedSignals {
         PENDING_SIGINT.store(0, Ordering::SeqCst);
         PENDING_SIGTERM.store(0, Ordering::SeqCst);
         let mut installed = ForwardedSignals {
-            previous: Vec::new(),
+            registered: Vec::new(),
         };
-        for signal in [libc::SIGINT, libc::SIGTERM] {
-            // SAFETY: sigaction structs are plain data; the handler only touches atomics,
-            // which is async-signal-safe.
-            unsafe {
-                let mut action: libc::sigaction = std::mem::zeroed();
-                action.sa_sigaction =
-                    note_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
-                action.sa_flags = libc::SA_RESTART;
-                libc::sigemptyset(&mut action.sa_mask);
-                let mut previous: libc::sigaction = std::mem::zeroed();
-                if libc::sigaction(signal, &action, &mut previous) != 0 {
-                    return Err(io::Error::last_os_error()); // drop restores those installed
-                }
-                installed.previous.push((signal, previous));
-            }
+        for (signal, pending) in [
+            (libc::SIGINT, &PENDING_SIGINT),
+            (libc::SIGTERM, &PENDING_SIGTERM),
+        ] {
+            // SAFETY: the action only increments an atomic, which is async-signal-safe.
+            let id = unsafe {
+                signal_hook::low_level::register(signal, move || {
+                    pending.fetch_add(1, Ordering::SeqCst);
+                })
+            }?; // on error, drop unregisters those installed
+            installed.registered.push(id);
         }
         Ok(installed)
     }
@@ -295,9 +282,8 @@ impl ForwardedSignals {
 
 impl Drop for ForwardedSignals {
     fn drop(&mut self) {
-        for (signal, previous) in &self.previous {
-            // SAFETY: restores a disposition saved by `install`.
-            unsafe { libc::sigaction(*signal, previous, std::ptr::null_mut()) };
+        for id in self.registered.drain(..) {
+            signal_hook::low_level::unregister(id);
         }
     }
 }

@@ -316,19 +316,32 @@ impl std::fmt::Display for Interrupted {
 impl std::error::Error for Interrupted {}
 
 /// Set by Ctrl-C: the loop saves a checkpoint at the next step and stops.
-static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static INTERRUPTED: std::sync::LazyLock<Arc<std::sync::atomic::AtomicBool>> =
+    std::sync::LazyLock::new(Default::default);
 
 fn interrupted() -> bool {
     INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-pub fn train(cmd: TrainCommand) -> anyhow::Result<()> {
-    // Only the first handler can be installed per process; later runs (tests) reuse it.
-    let _ = ctrlc::set_handler(|| {
-        if INTERRUPTED.swap(true, std::sync::atomic::Ordering::Relaxed) {
-            std::process::exit(130); // a second Ctrl-C: stop now
-        }
+/// Ctrl-C sets [`INTERRUPTED`]; a second one exits at once with 130. Installed once per
+/// process (tests train several times in one), and only by a process that trains: a
+/// launcher forwards signals to its ranks instead (`dist::launch`).
+fn catch_ctrl_c() -> anyhow::Result<()> {
+    static INSTALLED: std::sync::OnceLock<std::io::Result<()>> = std::sync::OnceLock::new();
+    let installed = INSTALLED.get_or_init(|| {
+        use signal_hook::{consts::SIGINT, flag};
+        // In this order: the exit only fires when the flag was already set.
+        flag::register_conditional_shutdown(SIGINT, 130, Arc::clone(&INTERRUPTED))?;
+        flag::register(SIGINT, Arc::clone(&INTERRUPTED))?;
+        Ok(())
     });
+    installed
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("installing the Ctrl-C handler: {e}"))?;
+    Ok(())
+}
+
+pub fn train(cmd: TrainCommand) -> anyhow::Result<()> {
     let env = crate::dist::env::DistEnv::from_env()?;
     if env.is_none() && cmd.args.gpus > 1 {
         // This process becomes the launcher of one process per GPU, which find the group
@@ -336,6 +349,7 @@ pub fn train(cmd: TrainCommand) -> anyhow::Result<()> {
         let gpus = visible_gpus(cmd.args.gpus)?;
         return crate::dist::launch::launch(cmd.args.gpus, &crate::invocation(), Some(gpus));
     }
+    catch_ctrl_c()?;
     let dist = match &env {
         Some(env) => {
             if cmd.args.gpus > 1 && cmd.args.gpus != env.world_size {

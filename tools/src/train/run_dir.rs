@@ -29,9 +29,7 @@ const SUMMARY_NAME: &str = "summary.json";
 const LOCK_NAME: &str = ".lock";
 
 /// The run folder's lock, held while alive.
-pub struct RunLock {
-    _file: std::fs::File,
-}
+pub type RunLock = convnets_formats::lock::FileLock;
 
 pub struct RunDir {
     dir: PathBuf,
@@ -56,33 +54,15 @@ impl RunDir {
     /// same folder is refused while this one lives. The lock is the kernel's (`flock`) on
     /// `.lock`, so it goes with the process however it ends; the file holds the PID.
     pub fn lock(&self) -> anyhow::Result<RunLock> {
-        use std::io::{Read, Seek, Write};
-        use std::os::fd::AsRawFd;
         std::fs::create_dir_all(&self.dir)
             .with_context(|| format!("creating {}", self.dir.display()))?;
-        let path = self.dir.join(LOCK_NAME);
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        // SAFETY: flock on a file descriptor this function owns.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let mut pid = String::new();
-            let _ = file.read_to_string(&mut pid);
-            bail!(
-                "{} is in use by another convnets train (PID {}); wait for it to end or stop it first",
-                self.dir.display(),
-                pid.trim()
-            );
+        match RunLock::acquire(&self.dir.join(LOCK_NAME)) {
+            Err(convnets_formats::Error::Locked { pid, .. }) => bail!(
+                "{} is in use by another convnets train (PID {pid}); wait for it to end or stop it first",
+                self.dir.display()
+            ),
+            other => Ok(other?),
         }
-        file.set_len(0)
-            .and_then(|()| file.rewind())
-            .and_then(|()| write!(file, "{}", std::process::id()))
-            .with_context(|| format!("writing {}", path.display()))?;
-        Ok(RunLock { _file: file })
     }
 
     /// Clears what an attempt that never finished a checkpoint left (log, summary,
