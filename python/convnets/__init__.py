@@ -27,9 +27,9 @@ def _cuda_library_dirs():
     toolkit."""
     site = os.path.dirname(os.path.dirname(torch.__file__))
     dirs = sorted(glob.glob(os.path.join(site, "nvidia", "*", "lib")))
-    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
-        if home:
-            dirs += [os.path.join(home, "lib64"), os.path.join(home, "targets", "x86_64-linux", "lib")]
+    homes = [os.environ.get("CUDA_HOME"), "/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"))
+    for home in filter(None, homes):
+        dirs += [os.path.join(home, "lib64"), os.path.join(home, "targets", "x86_64-linux", "lib")]
     return dirs
 
 
