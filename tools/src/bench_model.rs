@@ -188,6 +188,11 @@ pub struct E2eBenchArgs {
     pub warmup_steps: usize,
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
+    /// Time the end-to-end part over this many whole epochs instead of --steps, as `train`
+    /// reports them: the first epoch is warm-up, the figure is the mean img/s of the
+    /// others, each over its wall time with the epoch boundary included (0: use --steps).
+    #[arg(long, default_value_t = 0)]
+    pub epochs: usize,
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     pub device: DeviceArg,
     /// Replay the step from a CUDA graph (as `train` does by default).
@@ -284,34 +289,42 @@ pub fn e2e_measure(
         },
     )?;
 
-    let mut waited = 0.0;
-    let mut measuring = false;
-    let mut k = 0;
-    let mut held = HostBatchRelease::default();
-    let e2e_img_s = timed(
-        total,
-        a.warmup_steps,
-        || trainee.borrow_mut().finish().map(|_| ()),
-        || {
-            measuring = k >= a.warmup_steps;
-            k += 1;
-            let t = Instant::now();
-            let batch = next(&mut loader)?;
-            if measuring {
-                waited += t.elapsed().as_secs_f64();
-            }
-            let images = batch.images.f_to_device_(device, kind, true, false)?;
-            let labels = batch
-                .labels
-                .f_to_device_(device, Kind::Int64, true, false)?;
-            trainee.borrow_mut().step(&images, &labels)?;
-            let n = batch.len() as u64;
-            held.hold(batch, device)?;
-            Ok(n)
-        },
-    )?;
-    let measured_s = a.steps as f64 * a.batch_size as f64 / e2e_img_s;
-    let wait_fraction = waited / measured_s;
+    let (e2e_img_s, wait_fraction, epoch_img_s) = if a.epochs > 0 {
+        let epochs = whole_epochs(&mut loader, &trainee, device, kind, a.epochs)?;
+        let measured = &epochs[1..];
+        let mean = measured.iter().map(|e| e.images_per_s).sum::<f64>() / measured.len() as f64;
+        let wait = measured.iter().map(|e| e.waited_s).sum::<f64>()
+            / measured.iter().map(|e| e.seconds).sum::<f64>();
+        (
+            mean,
+            wait,
+            Some(epochs.iter().map(|e| e.images_per_s).collect::<Vec<_>>()),
+        )
+    } else {
+        let mut waited = 0.0;
+        let mut measuring = false;
+        let mut k = 0;
+        let mut held = HostBatchRelease::default();
+        let img_s = timed(
+            total,
+            a.warmup_steps,
+            || trainee.borrow_mut().finish().map(|_| ()),
+            || {
+                measuring = k >= a.warmup_steps;
+                k += 1;
+                let t = Instant::now();
+                let batch = next(&mut loader)?;
+                if measuring {
+                    waited += t.elapsed().as_secs_f64();
+                }
+                let n = batch.len() as u64;
+                feed(&trainee, &mut held, batch, device, kind)?;
+                Ok(n)
+            },
+        )?;
+        let measured_s = a.steps as f64 * a.batch_size as f64 / img_s;
+        (img_s, waited / measured_s, None)
+    };
     let input_bound = loader_img_s < model_img_s;
     let verdict = if input_bound {
         format!("input-bound: the loader delivers {loader_img_s:.0} img/s, the model consumes {model_img_s:.0} img/s; try --loader gpu, more --threads, or pack with --max-side")
@@ -321,10 +334,77 @@ pub fn e2e_measure(
     Ok(
         json!({"bench": "e2e", "machine": machine(), "arch": a.arch.name(), "batch_size": a.batch_size,
         "image_size": a.image_size, "amp": a.amp, "device": format!("{device:?}"), "loader": if gpu { "gpu" } else { "cpu" },
-        "loader_threads": a.threads, "steps": a.steps, "cuda_graphs": trainee.borrow().step.graphed(),
-        "images_per_s": e2e_img_s, "loader_only_images_per_s": loader_img_s, "model_only_images_per_s": model_img_s,
+        "loader_threads": a.threads, "steps": a.steps, "epochs": a.epochs, "cuda_graphs": trainee.borrow().step.graphed(),
+        "images_per_s": e2e_img_s, "epoch_images_per_s": epoch_img_s, "loader_only_images_per_s": loader_img_s, "model_only_images_per_s": model_img_s,
         "data_wait_fraction": wait_fraction, "input_bound": input_bound, "verdict": verdict}),
     )
+}
+
+/// One batch into the training step: copied to the device (no wait for a GPU batch), the
+/// host batch held until the step that reads it has run.
+fn feed(
+    trainee: &std::cell::RefCell<Trainee>,
+    held: &mut HostBatchRelease<convnets_pipeline::loader::Batch>,
+    batch: convnets_pipeline::loader::Batch,
+    device: Device,
+    kind: Kind,
+) -> anyhow::Result<()> {
+    let images = batch.images.f_to_device_(device, kind, true, false)?;
+    let labels = batch
+        .labels
+        .f_to_device_(device, Kind::Int64, true, false)?;
+    trainee.borrow_mut().step(&images, &labels)?;
+    held.hold(batch, device)?;
+    Ok(())
+}
+
+/// One epoch of `bench e2e --epochs`.
+struct EpochTime {
+    images_per_s: f64,
+    seconds: f64,
+    /// Time spent waiting for the loader.
+    waited_s: f64,
+}
+
+/// Trains `epochs` whole epochs from `loader` (which may already be inside the first);
+/// each epoch's images over its wall time, from the end of the previous one (so the turn
+/// to the next epoch counts) to its last step done on the device.
+fn whole_epochs(
+    loader: &mut Loader,
+    trainee: &std::cell::RefCell<Trainee>,
+    device: Device,
+    kind: Kind,
+    epochs: usize,
+) -> anyhow::Result<Vec<EpochTime>> {
+    if epochs < 2 {
+        bail!("--epochs {epochs}: needs 2 or more (the first is warm-up)");
+    }
+    let mut held = HostBatchRelease::default();
+    let mut out = Vec::with_capacity(epochs);
+    trainee.borrow_mut().finish()?;
+    let mut start = Instant::now();
+    for _ in 0..epochs {
+        let (mut images, mut waited_s) = (0u64, 0.0);
+        loop {
+            let t = Instant::now();
+            let Some(batch) = loader.next_batch() else {
+                break;
+            };
+            let batch = batch?;
+            waited_s += t.elapsed().as_secs_f64();
+            images += batch.len() as u64;
+            feed(trainee, &mut held, batch, device, kind)?;
+        }
+        trainee.borrow_mut().finish()?;
+        let seconds = start.elapsed().as_secs_f64();
+        start = Instant::now();
+        out.push(EpochTime {
+            images_per_s: images as f64 / seconds,
+            seconds,
+            waited_s,
+        });
+    }
+    Ok(out)
 }
 
 fn next(loader: &mut Loader) -> anyhow::Result<convnets_pipeline::loader::Batch> {

@@ -322,3 +322,69 @@ fn train_and_infer_report_their_figures() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn e2e_over_whole_epochs_reports_each_epoch_and_their_mean() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let data = dataset(tmp.path(), 32, 8)?;
+    let d = json(&[
+        "bench",
+        "e2e",
+        "--data",
+        &data,
+        "--arch",
+        "resnet18",
+        "--batch-size",
+        "4",
+        "--image-size",
+        "16",
+        "--threads",
+        "1",
+        "--steps",
+        "2",
+        "--warmup-steps",
+        "1",
+        "--epochs",
+        "3",
+        "--device",
+        "cpu",
+    ])?;
+    let epochs: Vec<f64> = d["epoch_images_per_s"]
+        .as_array()
+        .context("epoch_images_per_s")?
+        .iter()
+        .filter_map(|v| v.as_f64())
+        .collect();
+    assert_eq!(epochs.len(), 3, "{d}");
+    assert!(epochs.iter().all(|&r| r > 0.0), "{d}");
+    // The figure is the mean of the epochs after the first (warm-up).
+    let mean = (epochs[1] + epochs[2]) / 2.0;
+    let got = d["images_per_s"].as_f64().context("images_per_s")?;
+    assert!((got - mean).abs() <= 1e-9 * mean, "{got} vs {mean}: {d}");
+    // One epoch alone has no epoch left to measure.
+    let out = Command::new(env!("CARGO_BIN_EXE_convnets"))
+        .args([
+            "bench",
+            "e2e",
+            "--data",
+            &data,
+            "--arch",
+            "resnet18",
+            "--batch-size",
+            "4",
+        ])
+        .args([
+            "--image-size",
+            "16",
+            "--threads",
+            "1",
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+        ])
+        .output()?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--epochs 1: needs 2 or more"));
+    Ok(())
+}
