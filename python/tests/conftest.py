@@ -82,12 +82,14 @@ def rust_batches(dataset, out, **options):
     from safetensors.torch import load_file
 
     args = [f"{k}={v}" for k, v in options.items()]
-    subprocess.run(
+    run = subprocess.run(
         ["cargo", "run", "--quiet", "--locked", "--example", "loader_batches", "--",
          str(dataset), str(out), *args],
         cwd=REPO,
-        check=True,
+        capture_output=True,
+        text=True,
     )
+    assert run.returncode == 0, f"loader_batches {' '.join(args)} failed:\n{run.stdout}{run.stderr}"
     tensors = load_file(str(out))
     batches = {}
     for key in tensors:
