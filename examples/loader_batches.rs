@@ -1,5 +1,5 @@
 //! Writes the batches the Rust loader makes for a split into one safetensors file, with
-//! the loader configured as `convnets train` configures it (tools' `loader_config`); the
+//! the loader configured as `convnets train` configures it (`LoaderConfig::preset`); the
 //! Python package's tests compare `convnets.Loader` against them.
 //!
 //! ```text
@@ -15,8 +15,8 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use convnets::formats::{Dataset, RecordSource};
+use convnets::pipeline::loader::{Crops, LoaderConfig};
 use convnets::pipeline::{Layout, Loader, LoaderState, OutputDtype};
-use convnets::tools::loader_config::{loader_config, Crops};
 use tch::Tensor;
 
 fn main() -> anyhow::Result<()> {
@@ -55,7 +55,7 @@ fn main() -> anyhow::Result<()> {
         "nhwc" => Layout::Nhwc,
         l => bail!("layout={l}: nchw or nhwc"),
     };
-    let mut cfg = loader_config(
+    let mut cfg = LoaderConfig::preset(
         crops,
         num("batch", "8")? as usize,
         num("size", "32")? as u32,

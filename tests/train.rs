@@ -553,8 +553,8 @@ fn the_best_checkpoint_never_goes_stale() -> Result<()> {
         &convnets_models::ModelConfig::default(),
     )?;
     let val = convnets_tools::source::open_split(&packed, "val", 1)?;
-    let mut cfg = convnets_tools::loader_config::loader_config(
-        convnets_tools::loader_config::Crops::Eval,
+    let mut cfg = convnets_pipeline::LoaderConfig::preset(
+        convnets_pipeline::loader::Crops::Eval,
         16,
         32,
         convnets_pipeline::cpu::augment::OutputDtype::F32,

@@ -9,12 +9,11 @@ use std::sync::Mutex;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use convnets_pipeline::loader::core_share;
-use convnets_pipeline::plan::{CenterCrop, RandomResizedCrop};
-use convnets_pipeline::sampler::{LastBatch, SamplerConfig};
+use convnets_pipeline::loader::{core_share, Crops};
+use convnets_pipeline::sampler::LastBatch;
 use convnets_pipeline::{
     Backend, BadRecordPolicy, GpuOptions, Layout, Loader, LoaderConfig, LoaderState, LoaderStats,
-    OutputDtype, OutputSpec, SkippedRecord, Transform,
+    OutputDtype, SkippedRecord,
 };
 use crossbeam::channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use pyo3::exceptions::PyValueError;
@@ -54,51 +53,35 @@ struct Options {
     on_bad_record: BadRecordPolicy,
 }
 
-/// The [`LoaderConfig`] `convnets train` builds for the same request (tools'
-/// `loader_config::loader_config` and `train::loader_config`): RandomResizedCrop + flip,
-/// shuffled, incomplete last batch dropped for training; resize to 8/7 of the crop +
-/// centre crop, in order, every image once for evaluation; ImageNet normalisation for
-/// every dtype but uint8.
+/// The [`LoaderConfig`] `convnets train` builds for the same request
+/// ([`LoaderConfig::preset`]): RandomResizedCrop + flip, shuffled, incomplete last batch
+/// dropped for training; resize to 8/7 of the crop + centre crop, in order, every image
+/// once for evaluation; ImageNet normalisation for every dtype but uint8.
 fn loader_config(o: &Options) -> PyResult<LoaderConfig> {
     if o.image_size == 0 {
         return Err(PyValueError::new_err("image_size must be at least 1"));
     }
     let eval = o.eval;
-    let mut cfg = LoaderConfig {
-        sampler: SamplerConfig {
-            seed: o.seed,
-            shuffle: o.shuffle.unwrap_or(!eval),
-            batch_size: o.batch_size,
-            rank: o.rank,
-            world_size: o.world_size,
-            last_batch: if o.drop_last.unwrap_or(!eval) {
-                LastBatch::Drop
-            } else {
-                LastBatch::Partial
-            },
-        },
-        transform: if eval {
-            Transform::Eval(CenterCrop::for_crop(o.image_size))
-        } else {
-            Transform::Train(RandomResizedCrop::default())
-        },
-        output: OutputSpec {
-            width: o.image_size,
-            height: o.image_size,
-            dtype: o.dtype,
-            layout: if o.channels_last {
-                Layout::Nhwc
-            } else {
-                Layout::Nchw
-            },
-            normalize: (o.dtype != OutputDtype::U8).then(Default::default),
-        },
-        threads: o.threads,
-        local_processes: o.local_processes.max(1),
-        prefetch: PREFETCH,
-        on_bad_record: o.on_bad_record,
-        ..LoaderConfig::default()
+    let crops = if eval { Crops::Eval } else { Crops::Train };
+    let layout = if o.channels_last {
+        Layout::Nhwc
+    } else {
+        Layout::Nchw
     };
+    let mut cfg = LoaderConfig::preset(crops, o.batch_size, o.image_size, o.dtype, layout);
+    cfg.sampler.seed = o.seed;
+    cfg.sampler.shuffle = o.shuffle.unwrap_or(!eval);
+    cfg.sampler.rank = o.rank;
+    cfg.sampler.world_size = o.world_size;
+    cfg.sampler.last_batch = if o.drop_last.unwrap_or(!eval) {
+        LastBatch::Drop
+    } else {
+        LastBatch::Partial
+    };
+    cfg.threads = o.threads;
+    cfg.local_processes = o.local_processes.max(1);
+    cfg.prefetch = PREFETCH;
+    cfg.on_bad_record = o.on_bad_record;
     if let Some(device) = o.gpu {
         let mut hardware_share = o.hw_decoder_load;
         if let Some(share) = hardware_share {
@@ -126,16 +109,12 @@ fn loader_config(o: &Options) -> PyResult<LoaderConfig> {
     Ok(cfg)
 }
 
-/// The hardware decoder's share for training when `hw_decoder_load` is not given, as
-/// `convnets train` picks it for resnet50 (tools' `training_hardware_share`): CPU threads,
-/// counted at 80 % of their measured 700 decodes/s, take what they can of the 6,100
-/// images/s resnet50 consumes on an H200; the JPEG engines take the rest, since decoding on
-/// them slows the model's own kernels.
+/// resnet50's training rate on an H200 (BENCHMARKS.md): the model whose hardware-decoder
+/// share `convnets train` picks when none is given, as it does for resnet50.
+const RESNET50_IMAGES_PER_S: f64 = 6_100.0;
+
 fn training_hardware_share(cpu_threads: usize) -> f64 {
-    const CPU_THREAD_DECODES_PER_S: f64 = 700.0;
-    const RESNET50_IMAGES_PER_S: f64 = 6_100.0;
-    let cpu = 0.8 * CPU_THREAD_DECODES_PER_S * cpu_threads as f64;
-    (1.0 - cpu / RESNET50_IMAGES_PER_S).clamp(0.0, 1.0)
+    convnets_pipeline::loader::training_hardware_share(cpu_threads, RESNET50_IMAGES_PER_S)
 }
 
 /// Refuses batches whose size alone could not be allocated: the CPU loader keeps

@@ -11,10 +11,10 @@ use convnets_pipeline::sampler::LastBatch;
 use serde_json::json;
 
 use crate::gpu_loader_args::GpuLoaderArgs;
-use crate::loader_config::{loader_config, Crops};
 use crate::page_cache;
 use crate::source::open_split;
 use crate::train::OnBadRecord;
+use convnets_pipeline::loader::Crops;
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -325,7 +325,7 @@ fn loader_bench_config(a: &LoaderBenchArgs) -> LoaderConfig {
         LayoutArg::Nchw => Layout::Nchw,
         LayoutArg::Nhwc => Layout::Nhwc,
     };
-    let mut cfg = loader_config(crops, a.batch_size, a.image_size, dtype, layout);
+    let mut cfg = LoaderConfig::preset(crops, a.batch_size, a.image_size, dtype, layout);
     cfg.backend = match a.loader {
         LoaderKind::Gpu => Backend::Gpu(a.gpu.options(0)),
         LoaderKind::Cpu => Backend::Cpu,

@@ -17,12 +17,12 @@ use tch::{Device, Kind, Tensor};
 use crate::bench::{machine, LoaderKind};
 use crate::device_arg::{device_of, DeviceArg};
 use crate::gpu_loader_args::GpuLoaderArgs;
-use crate::loader_config::{loader_config, Crops};
 use crate::memory::ImageBatches;
 use crate::source::open_split;
 use crate::train::scaler::LossScaler;
 use crate::train::sgd::Sgd;
 use crate::train::step::{synthetic_batch, HostBatchRelease, StepInput, StepOptions, TrainStep};
+use convnets_pipeline::loader::{Crops, LoaderConfig};
 
 /// One batch of `batch` images of `size` x `size` (fp16 with `amp`), for the memory check.
 fn image_batch(batch: usize, size: i64, amp: bool) -> anyhow::Result<ImageBatches> {
@@ -230,7 +230,7 @@ pub fn e2e_measure(
         convnets_pipeline::device::gpus()?;
         bail!("--loader gpu needs a GPU (--device cuda or auto)");
     }
-    let mut cfg = loader_config(
+    let mut cfg = LoaderConfig::preset(
         Crops::Train,
         a.batch_size,
         a.image_size,

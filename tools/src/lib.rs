@@ -14,7 +14,6 @@ pub mod device_arg;
 mod devices;
 pub mod dist;
 pub mod gpu_loader_args;
-pub mod loader_config;
 pub mod memory;
 mod pack;
 mod page_cache;

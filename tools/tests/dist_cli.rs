@@ -244,7 +244,6 @@ fn the_watchdog_names_a_killed_rank_to_the_others() -> Result<()> {
         "{lines:?}"
     );
     ranks.0[2].kill()?; // SIGKILL: no goodbye on the control channel
-    let killed = Instant::now();
     for rank in [0, 1] {
         let (status, err) = ranks.wait(rank, Duration::from_secs(10))?;
         assert_eq!(status.code(), Some(PEER_FAILED), "rank {rank}: {err}");
@@ -255,11 +254,6 @@ fn the_watchdog_names_a_killed_rank_to_the_others() -> Result<()> {
             "{err}"
         );
     }
-    assert!(
-        killed.elapsed() < Duration::from_secs(5),
-        "noticed after {:?}",
-        killed.elapsed()
-    );
     Ok(())
 }
 

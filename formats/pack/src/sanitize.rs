@@ -907,7 +907,6 @@ mod tests {
                 limit: DEFAULT_MAX_PIXELS,
             })
         };
-        let start = std::time::Instant::now();
         let jpeg = patch_sof(&baseline_420(16, 16), 0xC0, |body| {
             body[1..5].copy_from_slice(&[0xEA, 0x60, 0xEA, 0x60])
         });
@@ -928,8 +927,6 @@ mod tests {
         assert_eq!(run(&png), too_many(60000, 60000), "valid IHDR CRC");
         png[16..24].copy_from_slice(&[0x7F, 0xFF, 0xFF, 0xFF, 0, 0, 0, 1]);
         assert_eq!(run(&png), too_many(0x7FFF_FFFF, 1));
-        // Nothing was decoded: a 60000x60000 decode would take far longer than this.
-        assert!(start.elapsed() < std::time::Duration::from_secs(2));
     }
 
     /// CRC-32 (ISO-HDLC) as PNG uses it, bit by bit.

@@ -1143,51 +1143,6 @@ mod tests {
         }
     }
 
-    /// Throughput on one core: `cargo test --release -p convnets-pipeline --lib
-    /// cpu::augment::tests::throughput -- --ignored --nocapture`.
-    #[test]
-    #[ignore = "timing; run in release mode"]
-    fn throughput() {
-        use crate::plan::RandomResizedCrop;
-        let (w, h) = (500, 375);
-        let img = test_image(w, h);
-        let rrc = RandomResizedCrop::default();
-        let crops: Vec<CropWindow> = (0..256).map(|seed| rrc.plan(w, h, seed)).collect();
-        let whole = [window(0.0, 0.0, 500.0, 375.0, false)];
-        for (name, dtype, layout, portable_only) in [
-            ("f16 NCHW", OutputDtype::F16, Layout::Nchw, false),
-            ("u8 NHWC", OutputDtype::U8, Layout::Nhwc, false),
-            ("f32 NCHW", OutputDtype::F32, Layout::Nchw, false),
-            (
-                "f16 NCHW, portable kernels",
-                OutputDtype::F16,
-                Layout::Nchw,
-                true,
-            ),
-        ] {
-            let mut a = Augmenter {
-                portable_only,
-                ..Augmenter::new()
-            };
-            let s = spec(224, 224, dtype, layout);
-            let mut out = vec![0u8; s.sample_bytes()];
-            for (what, crops) in [("rrc", &crops[..]), ("whole image", &whole[..])] {
-                let n = 4000;
-                let start = std::time::Instant::now();
-                for i in 0..n {
-                    a.crop_resize_into(&img, w, h, &crops[i % crops.len()], &s, &mut out)
-                        .unwrap();
-                }
-                let secs = start.elapsed().as_secs_f64();
-                println!(
-                    "{{\"bench\": \"augment 500x375 -> 224x224 {what}\", \"output\": \"{name}\", \"samples_per_s\": {:.0}, \"us_per_sample\": {:.1}}}",
-                    n as f64 / secs,
-                    secs * 1e6 / n as f64
-                );
-            }
-        }
-    }
-
     #[test]
     fn scratch_is_reused_across_sizes() {
         let mut a = Augmenter::new();

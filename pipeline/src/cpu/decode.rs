@@ -1074,7 +1074,6 @@ mod tests {
         let mut dec = decoder();
         assert_eq!(dec.header(&jpeg).expect("header"), (60000, 60000));
         let mut out = RgbImage::default();
-        let start = std::time::Instant::now();
         let err = dec.decode_full(&jpeg, &mut out).expect_err("too large");
         let limit = DecodeLimits::default().max_pixels;
         assert_eq!(
@@ -1089,7 +1088,6 @@ mod tests {
             .decode_for_crop(&jpeg, &full_crop(60000, 60000), 224, 224, &mut out)
             .expect_err("too large");
         assert!(matches!(err, DecodeError::TooLarge { .. }), "{err}");
-        assert!(start.elapsed() < std::time::Duration::from_secs(1));
         assert_eq!(out.data.capacity(), 0);
         assert!(err.to_string().contains("60000x60000"), "{err}");
 
@@ -1274,57 +1272,5 @@ mod tests {
     thread_local! {
         static DECODER: std::cell::Cell<Option<CpuDecoder>> = const { std::cell::Cell::new(None) };
         static CLEAN: Vec<u8> = rgb_jpeg((40, 24), SamplingFactor::R_4_2_2, false);
-    }
-
-    /// Micro-benchmark: `cargo test --release -p convnets-pipeline --lib
-    /// cpu::decode::tests::bench -- --ignored --nocapture`.
-    #[test]
-    #[ignore]
-    fn bench_decode_500x375() {
-        let (w, h) = (500, 375);
-        let jpeg = rgb_jpeg((w, h), SamplingFactor::R_4_2_0, false);
-        let mut dec = decoder();
-        let mut out = RgbImage::default();
-        let whole = full_crop(w, h);
-        let crop = CropWindow {
-            x: 150.0,
-            y: 100.0,
-            width: 200.0,
-            height: 180.0,
-            flip: false,
-        };
-        let cases: [(&str, CropWindow, u32); 4] = [
-            ("full decode (scale 1)", whole, 0),
-            ("whole image at 1/2 (out 112)", whole, 112),
-            ("crop 200x180 -> 224 (scale 1, partial)", crop, 224),
-            ("crop 200x180 -> 64 (1/2, partial)", crop, 64),
-        ];
-        println!("JPEG {w}x{h} 4:2:0 q90: {} bytes", jpeg.len());
-        for (name, crop, side) in cases {
-            let mut run = || {
-                if side == 0 {
-                    dec.decode_full(&jpeg, &mut out).expect("decode");
-                } else {
-                    dec.decode_for_crop(&jpeg, &crop, side, side, &mut out)
-                        .expect("decode");
-                }
-            };
-            (0..50).for_each(|_| run());
-            let mut times: Vec<f64> = (0..400)
-                .map(|_| {
-                    let t = std::time::Instant::now();
-                    run();
-                    t.elapsed().as_secs_f64() * 1e6
-                })
-                .collect();
-            times.sort_by(f64::total_cmp);
-            let median = times[times.len() / 2];
-            println!(
-                "{name:42} {:4}x{:<4} median {median:7.1} us  ({:.0} images/s)",
-                out.width,
-                out.height,
-                1e6 / median
-            );
-        }
     }
 }

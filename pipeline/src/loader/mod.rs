@@ -31,12 +31,14 @@
 mod cpu;
 #[cfg(feature = "cuda")]
 mod gpu;
+mod presets;
 mod shared;
 
 use std::sync::Arc;
 
 use convnets_formats::RecordSource;
 
+pub use presets::{training_hardware_share, Crops, CPU_THREAD_DECODES_PER_S};
 pub use shared::{
     check_threads, core_share, Backend, BadRecordPolicy, Batch, GpuOptions, LoaderConfig,
     LoaderState, LoaderStats, SkippedRecord, Transform, MAX_THREADS_PER_CORE,

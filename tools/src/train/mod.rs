@@ -37,9 +37,9 @@ use tch::{Device, Kind, Reduction, Tensor};
 use crate::checkpoint::{self, CheckpointMeta};
 use crate::device_arg::{device_of, DeviceArg};
 use crate::gpu_loader_args::GpuLoaderArgs;
-use crate::loader_config::Crops;
 use crate::memory;
 use crate::source::open_split;
+use convnets_pipeline::loader::Crops;
 use run_dir::RunDir;
 use scaler::LossScaler;
 use schedule::{LrSchedule, ScheduleKind};
@@ -599,8 +599,7 @@ fn loader_config(
         OutputDtype::F32
     };
     let layout = if cuda { Layout::Nhwc } else { Layout::Nchw };
-    let mut cfg =
-        crate::loader_config::loader_config(crops, args.batch_size, args.image_size, dtype, layout);
+    let mut cfg = LoaderConfig::preset(crops, args.batch_size, args.image_size, dtype, layout);
     cfg.backend = if gpu {
         Backend::Gpu(options)
     } else {
@@ -705,23 +704,17 @@ pub(crate) fn resolve_loader(kind: LoaderKind, device: Device) -> (LoaderKind, O
 }
 
 /// The GPU loader's hardware-decoder share for training when `--hw-decoder-load` is not
-/// given: the CPU threads take what they can of what the model consumes, the JPEG engines
-/// the rest. Decoding on the engines slows the model's own kernels (on an H200 with 16
-/// threads per GPU, resnet50 trained at 0.97 of compute speed with the loader's
-/// throughput-balanced share of 0.70 and 0.995 with 0; on 2 GPUs 0.90 and 0.97), while CPU
-/// threads do not. The model's consumption is estimated from its measured H200 rate
-/// (BENCHMARKS.md) and CPU threads are counted at 80 % of their measured decode rate. On a
-/// GPU much faster than an H200 the CPU share may then fall short; `--hw-decoder-load` sets it.
+/// given (the pipeline's rule: CPU threads first, the JPEG engines for the rest), from the
+/// model's measured H200 rate (BENCHMARKS.md). On a GPU much faster than an H200 the CPU
+/// share may fall short; `--hw-decoder-load` sets it.
 fn training_hardware_share(cpu_threads: usize, arch: Arch) -> f64 {
-    const CPU_THREAD_DECODES_PER_S: f64 = 700.0;
     let demand = match arch {
         Arch::ResNeXt101_32x4d => 2_900.0,
         Arch::SeResNeXt101_32x4d => 2_000.0,
         // resnet50's; the smaller ResNets consume more, the larger less.
         _ => 6_100.0,
     };
-    let cpu = 0.8 * CPU_THREAD_DECODES_PER_S * cpu_threads as f64;
-    (1.0 - cpu / demand).clamp(0.0, 1.0)
+    convnets_pipeline::loader::training_hardware_share(cpu_threads, demand)
 }
 
 /// The train split, the val split (when evaluated) and the dataset's classes (none for a
@@ -1690,7 +1683,7 @@ pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
     } else {
         Layout::Nchw
     };
-    let mut cfg = crate::loader_config::loader_config(
+    let mut cfg = LoaderConfig::preset(
         Crops::Eval,
         a.batch_size,
         image_size,
