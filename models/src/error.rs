@@ -44,8 +44,18 @@ pub enum Error {
         shape: Vec<i64>,
     },
 
-    /// A weight file could not be read or parsed.
-    #[error("reading weights from {}: {source}", path.display())]
+    /// A file that is not in the safetensors format (checked before parsing, so the
+    /// message says so instead of the parser's "HeaderTooLarge").
+    #[error("{} is not a safetensors file: {reason}", path.display())]
+    NotSafetensors {
+        /// The file.
+        path: PathBuf,
+        /// What its first bytes are instead.
+        reason: String,
+    },
+
+    /// A weight file could not be read or parsed (the parser's words are the source).
+    #[error("reading weights from {}", path.display())]
     ReadWeights {
         /// The file.
         path: PathBuf,
@@ -54,7 +64,7 @@ pub enum Error {
     },
 
     /// A weight file could not be written.
-    #[error("writing weights to {}: {source}", path.display())]
+    #[error("writing weights to {}", path.display())]
     WriteWeights {
         /// The file.
         path: PathBuf,
@@ -72,7 +82,7 @@ pub enum Error {
     },
 
     /// Copying one named tensor from a weight file into the model failed.
-    #[error("loading `{name}` from {}: {source}", path.display())]
+    #[error("loading `{name}` from {}", path.display())]
     CopyWeight {
         /// The file.
         path: PathBuf,

@@ -74,11 +74,41 @@ pub fn compare(model: &HashMap<String, Tensor>, file: &HashMap<String, Tensor>) 
 /// Reads every tensor of a safetensors file (onto the CPU).
 pub fn read_safetensors(path: impl AsRef<Path>) -> Result<HashMap<String, Tensor>> {
     let path = path.as_ref();
+    check_safetensors_layout(path)?;
     let named = Tensor::read_safetensors(path).map_err(|source| Error::ReadWeights {
         path: path.to_path_buf(),
         source,
     })?;
     Ok(named.into_iter().collect())
+}
+
+/// A safetensors file starts with the length of its JSON header (8 bytes, little-endian)
+/// and the header itself (`{...}`), within the file. Anything else is refused by name
+/// here; the parser would call it "HeaderTooLarge" or "InvalidHeader".
+fn check_safetensors_layout(path: &Path) -> Result<()> {
+    use std::io::Read;
+    let not = |reason: String| Error::NotSafetensors {
+        path: path.to_path_buf(),
+        reason,
+    };
+    // An unreadable file is the parser's to report (with the OS's reason).
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return Ok(());
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut head = [0u8; 9];
+    if len < 10 || file.read_exact(&mut head).is_err() {
+        return Err(not(format!("{len} bytes, too short for a header")));
+    }
+    let header_len = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
+    if header_len > len - 8 || head[8] != b'{' {
+        return Err(not(format!(
+            "its first 8 bytes give a header of {header_len} bytes in a file of {len}, \
+             followed by {:#04x} instead of `{{`",
+            head[8]
+        )));
+    }
+    Ok(())
 }
 
 /// Loads a torchvision/timm-named safetensors file into the variables of `vs` (strictly).
@@ -175,6 +205,36 @@ mod tests {
     use std::path::PathBuf;
 
     type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
+
+    #[test]
+    fn a_file_that_is_not_safetensors_is_named_as_such() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let text = dir.path().join("notes.safetensors");
+        std::fs::write(
+            &text,
+            "these are not weights, just a long enough line of text",
+        )?;
+        let err = read_safetensors(&text).expect_err("text is not safetensors");
+        assert!(matches!(err, Error::NotSafetensors { .. }), "{err}");
+        assert!(
+            err.to_string()
+                .contains("notes.safetensors is not a safetensors file"),
+            "{err}"
+        );
+        let short = dir.path().join("short.safetensors");
+        std::fs::write(&short, [1u8, 2, 3])?;
+        assert!(matches!(
+            read_safetensors(&short),
+            Err(Error::NotSafetensors { .. })
+        ));
+        // A real file passes the check.
+        let real = tiny_file(
+            dir.path(),
+            &[("w", Tensor::ones([2], (tch::Kind::Float, tch::Device::Cpu)))],
+        )?;
+        assert_eq!(read_safetensors(&real)?.len(), 1);
+        Ok(())
+    }
 
     fn tiny_file(dir: &Path, tensors: &[(&str, Tensor)]) -> Result<PathBuf> {
         let path = dir.join("w.safetensors");
