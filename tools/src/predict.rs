@@ -50,6 +50,10 @@ pub struct PredictArgs {
     /// Use the checkpoint's moving average of the weights (ema.safetensors).
     #[arg(long)]
     pub ema: bool,
+    /// Replay the forward pass of full batches from a CUDA graph (GPU), captured after the
+    /// first full batch runs eagerly.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub cuda_graphs: bool,
     /// Print one JSON document instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -137,6 +141,7 @@ pub fn run(a: PredictArgs) -> anyhow::Result<()> {
     };
     let crop = CenterCrop::for_crop(image_size);
     let (mut predictions, mut errors) = (Vec::new(), Vec::new());
+    let mut forward = Forward::new(&loaded, a.batch_size, a.cuda_graphs && device.is_cuda());
     for chunk in files.chunks(a.batch_size) {
         let samples: Vec<Result<Vec<u8>, String>> = pool.install(|| {
             chunk
@@ -170,9 +175,10 @@ pub fn run(a: PredictArgs) -> anyhow::Result<()> {
             }
         }
         if !good.is_empty() {
-            let top = top_k(&loaded, &pixels, good.len(), image_size, k, device).map_err(|e| {
-                crate::memory::name_allocation_failure(e, a.batch_size, image_size, device)
-            })?;
+            let top =
+                top_k(&mut forward, &pixels, good.len(), image_size, k, device).map_err(|e| {
+                    crate::memory::name_allocation_failure(e, a.batch_size, image_size, device)
+                })?;
             let batch: Vec<Prediction> = good
                 .iter()
                 .zip(top)
@@ -343,9 +349,58 @@ fn not_jpeg(bytes: &[u8]) -> String {
     }
 }
 
+/// The model as `eval` runs it; on a GPU, batches of the full size replay a CUDA graph
+/// captured after the first of them ran eagerly (cuDNN has chosen its kernels by then).
+struct Forward<'a> {
+    loaded: &'a LoadedModel,
+    batch_size: usize,
+    graphs: bool,
+    full_batches: usize,
+    #[cfg(feature = "cuda")]
+    graph: Option<(crate::torch_ext::cuda::CudaGraph, Tensor, Tensor)>,
+}
+
+impl<'a> Forward<'a> {
+    fn new(loaded: &'a LoadedModel, batch_size: usize, graphs: bool) -> Self {
+        Self {
+            loaded,
+            batch_size,
+            graphs,
+            full_batches: 0,
+            #[cfg(feature = "cuda")]
+            graph: None,
+        }
+    }
+
+    /// Logits of `images`; read them before the next call (a replay overwrites them).
+    fn logits(&mut self, images: &Tensor) -> anyhow::Result<Tensor> {
+        let eager = |x: &Tensor| crate::train::eval_logits(&self.loaded.model, x, false);
+        let full = images.size().first() == Some(&(self.batch_size as i64));
+        if !(self.graphs && full) {
+            return eager(images);
+        }
+        self.full_batches += 1;
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(index) = images.device() {
+            if self.graph.is_none() && self.full_batches > 1 {
+                let input = images.f_empty_like()?;
+                let (graph, output) =
+                    crate::torch_ext::cuda::CudaGraph::capture(index, || eager(&input))?;
+                self.graph = Some((graph, input, output));
+            }
+            if let Some((graph, input, output)) = &mut self.graph {
+                input.f_copy_(images)?;
+                graph.replay()?;
+                return Ok(output.shallow_clone());
+            }
+        }
+        eager(images)
+    }
+}
+
 /// Softmax top-k of `n` samples: per sample, (class, probability) pairs, best first.
 fn top_k(
-    loaded: &LoadedModel,
+    forward: &mut Forward,
     pixels: &[u8],
     n: usize,
     size: u32,
@@ -356,8 +411,7 @@ fn top_k(
     let s = i64::from(size);
     let images =
         Tensor::f_from_data_size(pixels, &[n as i64, 3, s, s], Kind::Float)?.f_to_device(device)?;
-    // The model as `eval` runs it.
-    let logits = crate::train::eval_logits(&loaded.model, &images, false)?;
+    let logits = forward.logits(&images)?;
     let probs = logits.f_softmax(-1, Kind::Float)?;
     let (p, idx) = probs.f_topk(k, 1, true, true)?;
     let p: Vec<Vec<f64>> = Vec::try_from(&p.f_to_device(Device::Cpu)?)?;
