@@ -246,7 +246,17 @@ pub fn e2e_measure(
         },
     );
     cfg.backend = if gpu {
-        Backend::Gpu(a.gpu.options(0))
+        // The JPEG engines' share `train` uses, since this is the training case.
+        let mut options = a.gpu.options(0);
+        let threads = if a.threads > 0 {
+            a.threads
+        } else {
+            convnets_pipeline::loader::core_share(1)
+        };
+        options.hardware_share = options
+            .hardware_share
+            .or(Some(crate::train::training_hardware_share(threads, a.arch)));
+        Backend::Gpu(options)
     } else {
         Backend::Cpu
     };

@@ -11,8 +11,10 @@ pub struct GpuLoaderArgs {
     #[arg(long, default_value_t = 4)]
     pub gpu_lanes: usize,
     /// GPU loader: share of the JPEGs the hardware decoder can take that it gets (the rest
-    /// go to the CPU threads), like DALI's hw_decoder_load. Default: a split that keeps
-    /// the JPEG engines and the CPU threads both busy (about 0.76 with 16 cores).
+    /// go to the CPU threads), like DALI's hw_decoder_load. Default for training (`train`,
+    /// `bench e2e`): the CPU threads take what they can of what the model consumes and the
+    /// engines the rest (0 for resnet50 with 16 threads), as the engines' work slows the
+    /// model; otherwise a split that keeps both busy (about 0.76 with 16 cores).
     #[arg(long)]
     pub hw_decoder_load: Option<f64>,
     /// GPU loader: decode whole images, not only the crop's region.

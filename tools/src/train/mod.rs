@@ -707,7 +707,7 @@ pub(crate) fn resolve_loader(kind: LoaderKind, device: Device) -> (LoaderKind, O
 /// given (the pipeline's rule: CPU threads first, the JPEG engines for the rest), from the
 /// model's measured H200 rate (BENCHMARKS.md). On a GPU much faster than an H200 the CPU
 /// share may fall short; `--hw-decoder-load` sets it.
-fn training_hardware_share(cpu_threads: usize, arch: Arch) -> f64 {
+pub(crate) fn training_hardware_share(cpu_threads: usize, arch: Arch) -> f64 {
     let demand = match arch {
         Arch::ResNeXt101_32x4d => 2_900.0,
         Arch::SeResNeXt101_32x4d => 2_000.0,
