@@ -20,6 +20,18 @@ pub enum MemoryFormat {
     ChannelsLast,
 }
 
+impl MemoryFormat {
+    /// What a model on `device` should use: channels_last on a GPU (cuDNN's NHWC kernels,
+    /// tensor cores), NCHW on the CPU.
+    pub fn for_device(device: tch::Device) -> Self {
+        if device.is_cuda() {
+            MemoryFormat::ChannelsLast
+        } else {
+            MemoryFormat::Contiguous
+        }
+    }
+}
+
 /// The strides PyTorch gives a channels_last tensor of this 4-D shape.
 fn channels_last_strides(size: &[i64]) -> [i64; 4] {
     let (c, h, w) = (size[1], size[2], size[3]);

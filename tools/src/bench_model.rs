@@ -84,11 +84,7 @@ impl Trainee {
         cuda_graphs: bool,
     ) -> anyhow::Result<Self> {
         let vs = VarStore::new(device);
-        let memory_format = if device.is_cuda() {
-            MemoryFormat::ChannelsLast
-        } else {
-            MemoryFormat::Contiguous
-        };
+        let memory_format = MemoryFormat::for_device(device);
         let model = arch.build(
             &vs.root(),
             classes,
@@ -543,11 +539,7 @@ impl<'a> Forward<'a> {
 pub fn infer(a: InferBenchArgs) -> anyhow::Result<()> {
     let device = device_of(a.device)?;
     let vs = VarStore::new(device);
-    let memory_format = if device.is_cuda() {
-        MemoryFormat::ChannelsLast
-    } else {
-        MemoryFormat::Contiguous
-    };
+    let memory_format = MemoryFormat::for_device(device);
     let model = a.arch.build(
         &vs.root(),
         1000,

@@ -91,11 +91,7 @@ pub fn run(a: PredictArgs) -> anyhow::Result<()> {
     }
     convnets_pipeline::loader::check_threads(a.threads)?;
     let device = device_of(a.device)?;
-    let memory_format = if device.is_cuda() {
-        MemoryFormat::ChannelsLast
-    } else {
-        MemoryFormat::Contiguous
-    };
+    let memory_format = MemoryFormat::for_device(device);
     let cfg = ModelConfig {
         memory_format,
         ..ModelConfig::default()

@@ -25,8 +25,8 @@ use crossbeam::channel::{bounded, Receiver, Sender};
 use tch::{Device, Kind, Tensor};
 
 use super::shared::{
-    lock, record_error, sampler_for, BadRecordPolicy, Batch, Counters, InOrder, LoaderConfig,
-    LoaderState, LoaderStats, Position, Recycle, Sequenced, SkippedRecord, Transform,
+    lock, record_error, sampler_for, spawn, BadRecordPolicy, Batch, Counters, InOrder,
+    LoaderConfig, LoaderState, LoaderStats, Position, Recycle, Sequenced, SkippedRecord, Transform,
 };
 use crate::cpu::augment::Augmenter;
 use crate::cpu::decode::{CpuDecoder, DecodeLimits, RgbImage};
@@ -279,13 +279,6 @@ fn new_slot(
         remaining: AtomicUsize::new(0),
         free,
     })
-}
-
-fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name(name.clone())
-        .spawn(f)
-        .map_err(|source| Error::Spawn { name, source })
 }
 
 /// The planner thread: batch after batch, epoch after epoch, until stopped.

@@ -33,7 +33,7 @@ use cudarc::driver::{result as cu, CudaContext, CudaEvent, CudaStream};
 use tch::{Device, Kind, Tensor};
 
 use super::shared::{
-    lock, record_error, sampler_for, BadRecordPolicy, Batch, Counters, GpuOptions, InOrder,
+    lock, record_error, sampler_for, spawn, BadRecordPolicy, Batch, Counters, GpuOptions, InOrder,
     LoaderConfig, LoaderState, LoaderStats, Position, Sequenced, SkippedRecord, Transform,
 };
 use crate::cpu::decode::{CpuDecoder, DecodeLimits, RgbImage};
@@ -373,13 +373,6 @@ fn open_device(device: usize) -> Result<Arc<CudaContext>> {
     ctx.bind_to_thread()
         .map_err(|e| cuda("binding the context", e))?;
     Ok(ctx)
-}
-
-fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name(name.clone())
-        .spawn(f)
-        .map_err(|source| Error::Spawn { name, source })
 }
 
 fn plan_batches(

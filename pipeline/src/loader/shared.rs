@@ -585,6 +585,17 @@ pub(super) fn sampler_for(
 }
 
 /// The value behind `m`, even if a thread panicked while holding it.
+/// Starts a loader thread named `name`; failing to start it is an error naming it.
+pub(super) fn spawn(
+    name: String,
+    f: impl FnOnce() + Send + 'static,
+) -> Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(name.clone())
+        .spawn(f)
+        .map_err(|source| Error::Spawn { name, source })
+}
+
 pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A worker that panicked cannot leave a Job half-updated in a way that matters here.
     m.lock().unwrap_or_else(|p| p.into_inner())

@@ -750,11 +750,7 @@ fn build_model(
     num_classes: i64,
     device: Device,
 ) -> anyhow::Result<convnets_models::resnet::ResNet> {
-    let memory_format = if device.is_cuda() {
-        MemoryFormat::ChannelsLast
-    } else {
-        MemoryFormat::Contiguous
-    };
+    let memory_format = MemoryFormat::for_device(device);
     // libtorch's generator is global: hold it while seeding and initialising, so that the
     // same seed gives the same weights even with other runs in the process.
     let _rng = INIT_RNG.lock().unwrap_or_else(|p| p.into_inner());
@@ -1634,11 +1630,7 @@ pub struct EvalArgs {
 
 pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
     let device = device_of(a.device)?;
-    let memory_format = if device.is_cuda() {
-        MemoryFormat::ChannelsLast
-    } else {
-        MemoryFormat::Contiguous
-    };
+    let memory_format = MemoryFormat::for_device(device);
     let dir = checkpoint::resolve(&a.checkpoint)?;
     let loaded = checkpoint::load(
         &dir,
